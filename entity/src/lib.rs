@@ -1,0 +1,1 @@
+//! SeaORM entities for the tables idsync owns.

@@ -1,0 +1,198 @@
+//! The HTTP edge: the proxy listener (reverse proxy and forward-auth on one pipeline) and the admin
+//! listener. Builds no SQL and holds no policy of its own beyond mapping outcomes to statuses.
+
+pub mod admin;
+pub mod auth;
+pub mod error;
+pub mod headers;
+pub mod proxy;
+
+use auth::{Authenticator, ClientAsks};
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use error::{ApiError, ErrorId};
+use headers::{Forwarded, HeaderNames};
+use http::{HeaderMap, StatusCode};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Everything a request needs; built once by `startup`.
+pub struct AppState {
+    pub auth: Authenticator,
+    pub upstream: proxy::Upstream,
+    pub names: HeaderNames,
+    /// Path prefixes proxied without a token (still stripped).
+    pub skip_auth: Vec<String>,
+}
+
+/// Who a request was for, for the access log.
+#[derive(Clone, Debug, Default)]
+struct LogIdentity {
+    user_id: Option<String>,
+    tenant_id: Option<String>,
+}
+
+/// The main listener's routes: forward-auth under `/.idsync/`, everything else proxied.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/.idsync/auth", any(forward_auth))
+        .fallback(reverse_proxy)
+        .layer(middleware::from_fn(access_log))
+        .with_state(state)
+}
+
+/// Runs the shared pipeline: take the tenant request aside, strip, skip-auth or authenticate, resolve
+/// the tenant. Returns what to tell the upstream (`None` for a public path).
+async fn pipeline(
+    state: &AppState,
+    headers: &mut HeaderMap,
+    path: &str,
+) -> Result<Option<Forwarded>, ApiError> {
+    let asks: ClientAsks = auth::take_and_strip(headers, &state.names)?;
+    if is_public(&state.skip_auth, path) {
+        return Ok(None);
+    }
+    let token = auth::bearer_token(headers)?;
+    let authenticated = state.auth.authenticate(token, auth::unix_now()).await?;
+    let tenant = auth::resolve_tenant(&authenticated.identity, &asks)?;
+    Ok(Some(auth::forwarded_from_identity(
+        &authenticated.identity,
+        tenant,
+    )))
+}
+
+async fn reverse_proxy(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    mut req: Request,
+) -> Response {
+    let path = req.uri().path().to_owned();
+    let forwarded = match pipeline(&state, req.headers_mut(), &path).await {
+        Ok(f) => f,
+        Err(e) => return e.into_response(),
+    };
+    if let Some(f) = &forwarded {
+        headers::inject(req.headers_mut(), &state.names, f);
+    }
+    let mut response = match state.upstream.forward(req, client).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    if let Some(f) = forwarded {
+        response.extensions_mut().insert(LogIdentity {
+            user_id: f.user_id,
+            tenant_id: f.tenant_id,
+        });
+    }
+    response
+}
+
+/// Forward-auth for ingress-nginx `auth-url`, Traefik ForwardAuth and Envoy ext_authz (HTTP): the same
+/// pipeline, answering 200 with the identity headers instead of proxying.
+async fn forward_auth(State(state): State<Arc<AppState>>, mut req: Request) -> Response {
+    let original = ["x-original-uri", "x-forwarded-uri"]
+        .iter()
+        .find_map(|h| req.headers().get(*h).and_then(|v| v.to_str().ok()))
+        .map(|uri| uri.split('?').next().unwrap_or("/").to_owned())
+        .unwrap_or_else(|| "/".to_owned());
+    match pipeline(&state, req.headers_mut(), &original).await {
+        Err(e) => e.into_response(),
+        Ok(forwarded) => {
+            let mut response = (StatusCode::OK, Body::empty()).into_response();
+            if let Some(f) = forwarded {
+                headers::inject(response.headers_mut(), &state.names, &f);
+                response.extensions_mut().insert(LogIdentity {
+                    user_id: f.user_id,
+                    tenant_id: f.tenant_id,
+                });
+            }
+            response
+        }
+    }
+}
+
+/// Whether `path` falls under a skip-auth prefix. A path with dot-segments or encoded `.`/`/` never
+/// matches: the upstream may normalise `/public/../admin` into `/admin`, which must not skip auth.
+pub fn is_public(prefixes: &[String], path: &str) -> bool {
+    if prefixes.is_empty() {
+        return false;
+    }
+    let lower = path.to_ascii_lowercase();
+    let ambiguous = lower.contains("%2e")
+        || lower.contains("%2f")
+        || lower.contains("%5c")
+        || lower.contains('\\')
+        || path.split('/').any(|seg| seg == "." || seg == "..")
+        || path.contains("//");
+    if ambiguous {
+        return false;
+    }
+    prefixes.iter().any(|p| {
+        path == p
+            || (path.starts_with(p.as_str())
+                && (p.ends_with('/') || path.as_bytes().get(p.len()) == Some(&b'/')))
+    })
+}
+
+/// One structured line per request; the query string is never logged (it may carry secrets).
+async fn access_log(req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let response = next.run(req).await;
+    let status = response.status().as_u16();
+    let who = response
+        .extensions()
+        .get::<LogIdentity>()
+        .cloned()
+        .unwrap_or_default();
+    let error = response.extensions().get::<ErrorId>();
+    let outcome = error.map_or("forwarded", |e| e.code);
+    metrics::counter!("idsync_requests_total", "outcome" => outcome).increment(1);
+    tracing::info!(
+        target: "idsync::access",
+        %method,
+        path,
+        status,
+        user_id = who.user_id.as_deref(),
+        tenant_id = who.tenant_id.as_deref(),
+        latency_us = started.elapsed().as_micros() as u64,
+        error_id = error.map(|e| e.id.as_str()),
+        "request"
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_public;
+
+    #[test]
+    fn skip_auth_matches_whole_segments_only() {
+        let p = vec!["/public".to_string(), "/assets/".to_string()];
+        assert!(is_public(&p, "/public"));
+        assert!(is_public(&p, "/public/logo.png"));
+        assert!(is_public(&p, "/assets/app.js"));
+        assert!(!is_public(&p, "/publicity"));
+        assert!(!is_public(&p, "/api"));
+    }
+
+    #[test]
+    fn skip_auth_never_matches_paths_that_normalise_elsewhere() {
+        let p = vec!["/public".to_string()];
+        for path in [
+            "/public/../admin",
+            "/public/%2e%2e/admin",
+            "/public/..%2Fadmin",
+            "/public//x",
+            "/public/./x",
+            "/public\\..\\admin",
+        ] {
+            assert!(!is_public(&p, path), "{path}");
+        }
+    }
+}

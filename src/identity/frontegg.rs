@@ -1,0 +1,42 @@
+//! Frontegg dialect: who the caller is depends on the token `type`; tenant from `tenantId`, allowed list from `tenantIds`.
+
+use super::claims::{opt_id, opt_profile, opt_str, string_list, tenant_ids};
+use super::{Identity, IdentityError, standard_profile};
+use serde_json::{Map, Value};
+
+pub(super) fn map(claims: &Map<String, Value>) -> Result<Identity, IdentityError> {
+    let mut identity = standard_profile(claims)?;
+    let kind = opt_str(claims, "type")?.unwrap_or("userToken");
+    identity.subject = match kind {
+        "userToken" => Some(required(claims, "sub")?),
+        "userApiToken" => Some(match opt_id(claims, "createdByUserId")? {
+            Some(id) => id,
+            None => required(claims, "userId")?,
+        }),
+        "userAccessToken" => Some(required(claims, "userId")?),
+        "tenantApiToken" | "tenantAccessToken" => None,
+        other => return Err(IdentityError::UnsupportedTokenType(other.to_owned())),
+    };
+    identity.avatar_url = opt_profile(claims, "profilePictureUrl")?;
+    identity.roles = string_list(claims.get("roles"), "roles")?;
+    identity.permissions = string_list(claims.get("permissions"), "permissions")?;
+    identity.metadata = match claims.get("metadata") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.clone()),
+    };
+    identity.tenant_sources.push("tenantId".into());
+    identity.tenant = opt_id(claims, "tenantId")?;
+    identity.tenants = tenant_ids(claims.get("tenantIds"), "tenantIds")?;
+    if identity.tenant.is_none() && identity.subject.is_none() {
+        // A tenant-level token that names no tenant identifies nobody.
+        return Err(IdentityError::InvalidClaim {
+            claim: "tenantId".into(),
+            reason: format!("is required for `{kind}` tokens"),
+        });
+    }
+    Ok(identity)
+}
+
+fn required(claims: &Map<String, Value>, claim: &str) -> Result<super::IdpId, IdentityError> {
+    opt_id(claims, claim)?.ok_or_else(|| IdentityError::MissingSubject(claim.to_owned()))
+}

@@ -1,0 +1,107 @@
+//! Keycloak 24-26 dialect: realm and client roles, the `organization` claim in all its shapes, access tokens only.
+
+use super::claims::{opt_id, opt_str, push_unique, string_list};
+use super::generic::apply_tenant_claim;
+use super::{Identity, IdentityError, IdpId, MappingRules, standard_profile};
+use serde_json::{Map, Value};
+
+pub(super) fn map(
+    claims: &Map<String, Value>,
+    rules: &MappingRules,
+) -> Result<Identity, IdentityError> {
+    // Keycloak stamps every token with its purpose; only `Bearer` (access) tokens authorise requests.
+    if let Some(typ) = opt_str(claims, "typ")?
+        && !typ.eq_ignore_ascii_case("Bearer")
+    {
+        return Err(IdentityError::NotAnAccessToken(typ.to_owned()));
+    }
+    let mut identity = standard_profile(claims)?;
+    identity.subject =
+        Some(opt_id(claims, "sub")?.ok_or_else(|| IdentityError::MissingSubject("sub".into()))?);
+    if identity.name.is_none() {
+        identity.name = identity.username.clone();
+    }
+
+    let mut roles = string_list(
+        claims.get("realm_access").and_then(|r| r.get("roles")),
+        "realm_access.roles",
+    )?;
+    if let Some(azp) = opt_str(claims, "azp")? {
+        let client_roles = string_list(
+            claims
+                .get("resource_access")
+                .and_then(|r| r.get(azp))
+                .and_then(|c| c.get("roles")),
+            "resource_access.roles",
+        )?;
+        push_unique(&mut roles, client_roles);
+    }
+    identity.roles = roles;
+
+    identity.tenant_sources.push("organization".into());
+    let orgs = organizations(claims.get("organization"))?;
+    if orgs.is_empty() {
+        apply_tenant_claim(&mut identity, claims, rules)?;
+    } else {
+        identity.tenant = orgs.first().cloned();
+        identity.tenants = orgs;
+    }
+    Ok(identity)
+}
+
+/// The Keycloak Organizations claim: a list of aliases, a map of alias -> `{ "id": .. }` (the id wins,
+/// an alias can be renamed), or one alias string. Order follows the token.
+fn organizations(value: Option<&Value>) -> Result<Vec<IdpId>, IdentityError> {
+    const CLAIM: &str = "organization";
+    let mut out: Vec<IdpId> = Vec::new();
+    let mut push = |id: IdpId| {
+        if !out.contains(&id) {
+            out.push(id);
+        }
+    };
+    match value {
+        None | Some(Value::Null) => {}
+        Some(Value::String(alias)) => push(IdpId::parse(CLAIM, alias)?),
+        Some(Value::Array(items)) => {
+            for item in items {
+                match item {
+                    Value::String(alias) => push(IdpId::parse(CLAIM, alias)?),
+                    _ => {
+                        return Err(IdentityError::InvalidClaim {
+                            claim: CLAIM.into(),
+                            reason: "holds a non-string item".into(),
+                        });
+                    }
+                }
+            }
+        }
+        Some(Value::Object(map)) => {
+            for (alias, details) in map {
+                let id = match details.get("id") {
+                    Some(Value::String(id)) => id.as_str(),
+                    None | Some(Value::Null) => alias.as_str(),
+                    Some(_) => {
+                        return Err(IdentityError::InvalidClaim {
+                            claim: "organization.id".into(),
+                            reason: "is not a string".into(),
+                        });
+                    }
+                };
+                push(IdpId::parse(CLAIM, id)?);
+            }
+        }
+        Some(_) => {
+            return Err(IdentityError::InvalidClaim {
+                claim: CLAIM.into(),
+                reason: "is neither a list, a map nor a string".into(),
+            });
+        }
+    }
+    if out.len() > super::MAX_LIST_ITEMS {
+        return Err(IdentityError::InvalidClaim {
+            claim: CLAIM.into(),
+            reason: format!("lists more than {} organizations", super::MAX_LIST_ITEMS),
+        });
+    }
+    Ok(out)
+}

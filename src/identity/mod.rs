@@ -1,0 +1,206 @@
+//! Pure identity core: verified claims + the issuer's dialect -> [`Identity`].
+//! No I/O and no clock: everything here is a function of its inputs, so every IdP shape is unit-tested from fixtures.
+
+mod claims;
+mod frontegg;
+mod generic;
+mod keycloak;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use std::fmt;
+
+pub use claims::ClaimPath;
+
+/// Longest identifier (subject, tenant id) idsync accepts; longer ones are not ids but payloads.
+pub const MAX_ID_BYTES: usize = 255;
+/// Longest profile string (email, name, ...) idsync accepts.
+pub const MAX_PROFILE_BYTES: usize = 1024;
+/// Most roles (or permissions, or tenants) one token may carry.
+pub const MAX_LIST_ITEMS: usize = 256;
+
+/// Which IdP's claim conventions a token follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dialect {
+    Generic,
+    Keycloak,
+    Frontegg,
+}
+
+impl Dialect {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "generic" => Some(Self::Generic),
+            "keycloak" => Some(Self::Keycloak),
+            "frontegg" => Some(Self::Frontegg),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Generic => "generic",
+            Self::Keycloak => "keycloak",
+            Self::Frontegg => "frontegg",
+        }
+    }
+}
+
+/// How one issuer's claims become an [`Identity`].
+#[derive(Clone, Debug)]
+pub struct MappingRules {
+    pub dialect: Dialect,
+    /// Where the tenant lives when the dialect has no native tenant claim (or as Keycloak's fallback).
+    pub tenant_claim: ClaimPath,
+    /// Where generic roles live.
+    pub roles_claim: ClaimPath,
+}
+
+/// An identifier the IdP owns (a `sub`, a tenant id): non-empty, at most [`MAX_ID_BYTES`], no control characters.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct IdpId(String);
+
+/// The user's id at the IdP (`sub`, or Frontegg's `userId`/`createdByUserId`).
+pub type Subject = IdpId;
+/// The tenant's id at the IdP (Frontegg `tenantId`, Keycloak organization id, or the configured claim).
+pub type TenantId = IdpId;
+
+impl IdpId {
+    pub fn parse(claim: &str, raw: &str) -> Result<Self, IdentityError> {
+        if raw.is_empty() {
+            return Err(IdentityError::invalid(claim, "is empty"));
+        }
+        if raw.len() > MAX_ID_BYTES {
+            return Err(IdentityError::invalid(
+                claim,
+                format!("is longer than {MAX_ID_BYTES} bytes"),
+            ));
+        }
+        if raw.chars().any(char::is_control) {
+            return Err(IdentityError::invalid(claim, "contains control characters"));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for IdpId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Who is calling, as the IdP says, in one shape whatever the IdP.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Identity {
+    pub issuer: String,
+    pub dialect: Dialect,
+    /// `None` only for tenant-level tokens (Frontegg `tenantApiToken`/`tenantAccessToken`).
+    pub subject: Option<Subject>,
+    /// The tenant the token is for, if it names one.
+    pub tenant: Option<TenantId>,
+    /// Every tenant the token allows the caller to act in (includes `tenant`).
+    pub tenants: Vec<TenantId>,
+    pub email: Option<String>,
+    pub email_verified: Option<bool>,
+    pub name: Option<String>,
+    pub username: Option<String>,
+    pub given_name: Option<String>,
+    pub family_name: Option<String>,
+    pub avatar_url: Option<String>,
+    /// Raw IdP roles, in token order, without duplicates.
+    pub roles: Vec<String>,
+    pub permissions: Vec<String>,
+    pub metadata: Option<Value>,
+    /// Where the tenant was looked for, to explain a missing one.
+    #[serde(skip)]
+    pub tenant_sources: Vec<String>,
+}
+
+impl Identity {
+    /// Whether the token allows acting in `tenant` (its own tenant or one of its listed tenants).
+    pub fn allows_tenant(&self, tenant: &str) -> bool {
+        self.tenant.as_ref().is_some_and(|t| t.as_str() == tenant)
+            || self.tenants.iter().any(|t| t.as_str() == tenant)
+    }
+}
+
+/// Why verified claims do not make an identity; every variant is a 401 at the edge.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("claim `{claim}` {reason}")]
+    InvalidClaim { claim: String, reason: String },
+    #[error("token has no `{0}` claim (Keycloak lightweight tokens need the `basic` scope)")]
+    MissingSubject(String),
+    #[error("token type `{0}` is not an access token")]
+    NotAnAccessToken(String),
+    #[error("Frontegg token type `{0}` is not supported")]
+    UnsupportedTokenType(String),
+}
+
+impl IdentityError {
+    fn invalid(claim: &str, reason: impl Into<String>) -> Self {
+        Self::InvalidClaim {
+            claim: claim.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Maps verified claims to an identity under `rules`. `issuer` is the configured issuer the token matched.
+pub fn map_claims(
+    issuer: &str,
+    claims: &Map<String, Value>,
+    rules: &MappingRules,
+) -> Result<Identity, IdentityError> {
+    let mut identity = match rules.dialect {
+        Dialect::Generic => generic::map(claims, rules)?,
+        Dialect::Keycloak => keycloak::map(claims, rules)?,
+        Dialect::Frontegg => frontegg::map(claims)?,
+    };
+    identity.issuer = issuer.to_owned();
+    identity.dialect = rules.dialect;
+    if let Some(tenant) = &identity.tenant
+        && !identity.tenants.contains(tenant)
+    {
+        identity.tenants.insert(0, tenant.clone());
+    }
+    if identity.tenants.len() > MAX_LIST_ITEMS {
+        return Err(IdentityError::invalid(
+            "tenants",
+            format!("lists more than {MAX_LIST_ITEMS} tenants"),
+        ));
+    }
+    Ok(identity)
+}
+
+/// The OIDC standard claims every dialect shares; dialects override what they know better.
+fn standard_profile(claims: &Map<String, Value>) -> Result<Identity, IdentityError> {
+    use claims::{opt_bool, opt_profile};
+    Ok(Identity {
+        issuer: String::new(),
+        dialect: Dialect::Generic,
+        subject: None,
+        tenant: None,
+        tenants: Vec::new(),
+        email: opt_profile(claims, "email")?,
+        email_verified: opt_bool(claims, "email_verified")?,
+        name: opt_profile(claims, "name")?,
+        username: opt_profile(claims, "preferred_username")?,
+        given_name: opt_profile(claims, "given_name")?,
+        family_name: opt_profile(claims, "family_name")?,
+        avatar_url: opt_profile(claims, "picture")?,
+        roles: Vec::new(),
+        permissions: Vec::new(),
+        metadata: None,
+        tenant_sources: Vec::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

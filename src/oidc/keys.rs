@@ -1,0 +1,251 @@
+//! Verification key sets built from a JWKS document or a PEM file, with each key pinned to the algorithms
+//! its type allows. Built once per fetch, never per request.
+
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey};
+use std::time::Instant;
+
+const RSA: &[Algorithm] = &[
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+];
+/// RSA moduli under 2048 bits are refused (NIST SP 800-131A); base64url of 256 bytes is 342 chars.
+const MIN_RSA_MODULUS_B64: usize = 342;
+
+pub struct VerificationKey {
+    pub kid: Option<String>,
+    pub algorithms: &'static [Algorithm],
+    pub key: DecodingKey,
+}
+
+/// One issuer's keys as of one fetch.
+pub struct KeySet {
+    pub keys: Vec<VerificationKey>,
+    /// When these keys were last confirmed by the source (a refetch that returns the same keys counts).
+    pub fetched_at: Instant,
+    /// Keys that were present in the document but unusable, with why; for logs and `check`.
+    pub skipped: Vec<String>,
+}
+
+impl std::fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySet")
+            .field("kids", &self.kids())
+            .field("skipped", &self.skipped)
+            .finish()
+    }
+}
+
+impl KeySet {
+    /// Parses a JWKS document, keeping every signature key idsync can use and noting the rest.
+    pub fn from_jwks(doc: &serde_json::Value) -> Result<Self, String> {
+        let keys = doc
+            .get("keys")
+            .and_then(|k| k.as_array())
+            .ok_or("JWKS has no `keys` array")?;
+        let mut set = KeySet {
+            keys: Vec::new(),
+            fetched_at: Instant::now(),
+            skipped: Vec::new(),
+        };
+        for raw in keys {
+            let kid = raw
+                .get("kid")
+                .and_then(|k| k.as_str())
+                .unwrap_or("<no kid>");
+            match serde_json::from_value::<Jwk>(raw.clone())
+                .map_err(|e| e.to_string())
+                .and_then(|jwk| verification_key(&jwk))
+            {
+                Ok(key) => set.keys.push(key),
+                Err(why) => set.skipped.push(format!("{kid}: {why}")),
+            }
+        }
+        if set.keys.is_empty() {
+            return Err(format!(
+                "JWKS has no usable signature keys (skipped: {})",
+                if set.skipped.is_empty() {
+                    "none".into()
+                } else {
+                    set.skipped.join("; ")
+                }
+            ));
+        }
+        Ok(set)
+    }
+
+    /// Parses a PEM public key (RSA, EC P-256/P-384 or Ed25519). It has no `kid`, so it matches any token.
+    pub fn from_pem(pem: &[u8]) -> Result<Self, String> {
+        let text = std::str::from_utf8(pem).map_err(|_| "PEM file is not text")?;
+        let mut keys = Vec::new();
+        for block in pem_blocks(text) {
+            let key = if let Ok(k) = DecodingKey::from_rsa_pem(block.as_bytes()) {
+                VerificationKey {
+                    kid: None,
+                    algorithms: RSA,
+                    key: k,
+                }
+            } else if let Ok(k) = DecodingKey::from_ec_pem(block.as_bytes()) {
+                // A PEM does not say its curve cheaply; allow both ES algorithms, the curve check in
+                // the crypto refuses a mismatch.
+                VerificationKey {
+                    kid: None,
+                    algorithms: &[Algorithm::ES256, Algorithm::ES384],
+                    key: k,
+                }
+            } else if let Ok(k) = DecodingKey::from_ed_pem(block.as_bytes()) {
+                VerificationKey {
+                    kid: None,
+                    algorithms: &[Algorithm::EdDSA],
+                    key: k,
+                }
+            } else {
+                return Err("PEM block is not an RSA, EC or Ed25519 public key".into());
+            };
+            keys.push(key);
+        }
+        if keys.is_empty() {
+            return Err("PEM file holds no public key".into());
+        }
+        Ok(KeySet {
+            keys,
+            fetched_at: Instant::now(),
+            skipped: Vec::new(),
+        })
+    }
+
+    /// Parses a key file: PEM if it looks like one, else a JWKS document.
+    pub fn from_file_bytes(bytes: &[u8]) -> Result<Self, String> {
+        if bytes.windows(10).any(|w| w == b"-----BEGIN") {
+            Self::from_pem(bytes)
+        } else {
+            let doc: serde_json::Value = serde_json::from_slice(bytes)
+                .map_err(|e| format!("key file is neither PEM nor JSON: {e}"))?;
+            Self::from_jwks(&doc)
+        }
+    }
+
+    pub fn kids(&self) -> Vec<&str> {
+        self.keys.iter().filter_map(|k| k.kid.as_deref()).collect()
+    }
+
+    pub fn has_kid(&self, kid: Option<&str>) -> bool {
+        match kid {
+            Some(kid) => self
+                .keys
+                .iter()
+                .any(|k| k.kid.as_deref() == Some(kid) || k.kid.is_none()),
+            None => true,
+        }
+    }
+
+    /// Keys that may verify a token with this `kid` and `alg`. A token `kid` matches keys with that kid,
+    /// and kid-less keys (PEM); a token without `kid` is tried against every key.
+    pub fn candidates<'a>(
+        &'a self,
+        kid: Option<&'a str>,
+        alg: Algorithm,
+    ) -> impl Iterator<Item = &'a VerificationKey> + 'a {
+        self.keys.iter().filter(move |k| {
+            let kid_ok = match (kid, k.kid.as_deref()) {
+                (Some(want), Some(have)) => want == have,
+                _ => true,
+            };
+            kid_ok && k.algorithms.contains(&alg)
+        })
+    }
+
+    /// Whether the same keys (by kid) are in both sets; rotation is a change of kids.
+    pub fn same_kids(&self, other: &KeySet) -> bool {
+        let mut a = self.kids();
+        let mut b = other.kids();
+        a.sort_unstable();
+        b.sort_unstable();
+        a == b && self.keys.len() == other.keys.len()
+    }
+}
+
+fn verification_key(jwk: &Jwk) -> Result<VerificationKey, String> {
+    if let Some(PublicKeyUse::Encryption) = jwk.common.public_key_use {
+        return Err("encryption key (`use: enc`)".into());
+    }
+    let family: &'static [Algorithm] = match &jwk.algorithm {
+        AlgorithmParameters::RSA(p) => {
+            if p.n.len() < MIN_RSA_MODULUS_B64 {
+                return Err("RSA key shorter than 2048 bits".into());
+            }
+            RSA
+        }
+        AlgorithmParameters::EllipticCurve(p) => match p.curve {
+            EllipticCurve::P256 => &[Algorithm::ES256],
+            EllipticCurve::P384 => &[Algorithm::ES384],
+            ref c => return Err(format!("unsupported curve {c:?}")),
+        },
+        AlgorithmParameters::OctetKeyPair(p) => match p.curve {
+            EllipticCurve::Ed25519 => &[Algorithm::EdDSA],
+            ref c => return Err(format!("unsupported curve {c:?}")),
+        },
+        AlgorithmParameters::OctetKey(_) => return Err("symmetric key (`kty: oct`)".into()),
+        _ => return Err("unsupported key type".into()),
+    };
+    // A key that names its algorithm is pinned to exactly that one (RFC 7517 section 4.4).
+    let algorithms = match jwk.common.key_algorithm {
+        None => family,
+        Some(ka) => {
+            let named = serde_json::to_value(ka).ok();
+            let alg = named
+                .as_ref()
+                .and_then(|v| v.as_str())
+                .and_then(signature_algorithm)
+                .ok_or_else(|| format!("algorithm {ka:?} is not a signature algorithm"))?;
+            let pos = family
+                .iter()
+                .position(|a| *a == alg)
+                .ok_or_else(|| format!("algorithm {alg:?} does not fit the key type"))?;
+            &family[pos..=pos]
+        }
+    };
+    let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("unusable key material: {e}"))?;
+    Ok(VerificationKey {
+        kid: jwk.common.key_id.clone(),
+        algorithms,
+        key,
+    })
+}
+
+fn pem_blocks(text: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with("-----BEGIN") {
+            current = Some(format!("{line}\n"));
+        } else if let Some(block) = current.as_mut() {
+            block.push_str(line);
+            block.push('\n');
+            if line.starts_with("-----END") {
+                blocks.push(current.take().unwrap_or_default());
+            }
+        }
+    }
+    blocks
+}
+
+fn signature_algorithm(name: &str) -> Option<Algorithm> {
+    Some(match name {
+        "RS256" => Algorithm::RS256,
+        "RS384" => Algorithm::RS384,
+        "RS512" => Algorithm::RS512,
+        "PS256" => Algorithm::PS256,
+        "PS384" => Algorithm::PS384,
+        "PS512" => Algorithm::PS512,
+        "ES256" => Algorithm::ES256,
+        "ES384" => Algorithm::ES384,
+        "EdDSA" => Algorithm::EdDSA,
+        _ => return None,
+    })
+}

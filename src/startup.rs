@@ -1,0 +1,253 @@
+//! The composition root: the one place that reads all of [`Settings`], connects the database, runs
+//! migrations, builds the key caches and the pipeline, binds both listeners and owns background tasks.
+
+use crate::config::Settings;
+use crate::http::admin::{self, AdminState};
+use crate::http::auth::Authenticator;
+use crate::http::headers::HeaderNames;
+use crate::http::proxy::Upstream;
+use crate::http::{self as edge, AppState};
+use crate::identity::MappingRules;
+use crate::oidc::{IdpClient, IssuerKeys, TrustedIssuer, Verifier};
+use anyhow::Context;
+use migration::{Migrator, MigratorTrait};
+use sea_orm::{ConnectOptions, Database, DatabaseConnection};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub struct Application {
+    proxy_listener: TcpListener,
+    admin_listener: TcpListener,
+    state: Arc<AppState>,
+    admin: AdminState,
+    background: Vec<JoinHandle<()>>,
+    shutdown_timeout: Duration,
+}
+
+/// Connects with pool limits that fail fast: a request waiting on a dead database gets 503 in seconds.
+pub async fn connect_database(settings: &Settings) -> anyhow::Result<DatabaseConnection> {
+    let url = settings.database_url.expose();
+    let mut opts = ConnectOptions::new(url.to_owned());
+    let max = if url.contains(":memory:") {
+        1
+    } else {
+        settings.database_max_connections
+    };
+    opts.max_connections(max)
+        .min_connections(0)
+        .connect_timeout(Duration::from_secs(5))
+        .acquire_timeout(Duration::from_secs(5))
+        .sqlx_logging(false);
+    Database::connect(opts)
+        .await
+        .with_context(|| format!("cannot connect to the database {}", settings.database_url))
+}
+
+impl Application {
+    pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        let db = connect_database(settings).await?;
+        Migrator::up(&db, None)
+            .await
+            .context("database migrations failed")?;
+
+        let client = IdpClient::new(settings.issuer_ca_pem.as_deref(), settings.idp_timeout)
+            .map_err(anyhow::Error::msg)?;
+        let mut trusted = Vec::new();
+        let mut rules = Vec::new();
+        let mut background = Vec::new();
+        for issuer in &settings.issuers {
+            let keys = Arc::new(IssuerKeys::new(
+                issuer.issuer.clone(),
+                issuer.source.clone(),
+                client.clone(),
+                settings.key_cache.clone(),
+            ));
+            background.push(tokio::spawn(keys.clone().run()));
+            trusted.push(TrustedIssuer {
+                issuer: issuer.issuer.clone(),
+                audiences: issuer.audiences.clone(),
+                keys,
+            });
+            rules.push(MappingRules {
+                dialect: issuer.dialect,
+                tenant_claim: issuer.tenant_claim.clone(),
+                roles_claim: issuer.roles_claim.clone(),
+            });
+        }
+        let verifier = Verifier::new(trusted, settings.verify);
+        let auth = Authenticator::new(verifier, rules, settings.token_cache_size);
+        let upstream = Upstream::new(
+            &settings.upstream,
+            settings.upstream_connect_timeout,
+            settings.upstream_timeout,
+        )
+        .map_err(anyhow::Error::msg)?;
+        let names = HeaderNames::new(&settings.header_prefix).map_err(anyhow::Error::msg)?;
+        let state = Arc::new(AppState {
+            auth,
+            upstream,
+            names,
+            skip_auth: settings.skip_auth.clone(),
+        });
+
+        let metrics = crate::telemetry::metrics();
+        let upkeep = metrics.clone();
+        background.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                upkeep.run_upkeep();
+            }
+        }));
+
+        let proxy_listener = TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let admin_listener = TcpListener::bind(settings.admin_listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.admin_listen))?;
+        let admin = AdminState {
+            app: state.clone(),
+            db,
+            metrics,
+        };
+        Ok(Self {
+            proxy_listener,
+            admin_listener,
+            state,
+            admin,
+            background,
+            shutdown_timeout: settings.shutdown_timeout,
+        })
+    }
+
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy_listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests finish
+    /// (up to the shutdown timeout).
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let proxy = axum::serve(
+            self.proxy_listener,
+            edge::router(self.state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(signal(rx.clone()));
+        let admin = axum::serve(self.admin_listener, admin::router(self.admin.clone()))
+            .with_graceful_shutdown(signal(rx.clone()));
+        let mut proxy = tokio::spawn(async move { proxy.await });
+        let mut admin = tokio::spawn(async move { admin.await });
+
+        tokio::select! {
+            _ = shutdown => {}
+            r = &mut proxy => { r??; anyhow::bail!("the proxy server stopped unexpectedly") }
+        }
+        tracing::info!("shutting down: draining in-flight requests");
+        let _ = tx.send(true);
+        let drained = tokio::time::timeout(self.shutdown_timeout, async {
+            let _ = (&mut proxy).await;
+            let _ = (&mut admin).await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("shutdown timeout reached; closing remaining connections");
+            proxy.abort();
+            admin.abort();
+        }
+        for task in &self.background {
+            task.abort();
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+
+    /// Runs in the background; for tests, the demo and benchmarks.
+    pub fn spawn(self) -> Running {
+        let proxy_addr = self.proxy_addr();
+        let admin_addr = self.admin_addr();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(self.run_until(async move {
+            let _ = stopped.await;
+        }));
+        Running {
+            proxy_addr,
+            admin_addr,
+            stop: Some(stop),
+            handle,
+        }
+    }
+}
+
+/// A running application; stops when told or when dropped.
+pub struct Running {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    pub fn proxy_url(&self) -> String {
+        format!("http://{}", self.proxy_addr)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin_addr)
+    }
+
+    /// Graceful stop; resolves when in-flight requests are done.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.handle).await?
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,232 @@
+//! Test harness: starts an issuer, an echo upstream and idsync with a temporary SQLite database.
+
+use clap::Parser;
+use idsync::config::Cli;
+use idsync::devkit::{EchoUpstream, LocalIssuer, SigningAlg};
+use idsync::startup::{Application, Running};
+use serde_json::Value;
+use std::time::Duration;
+
+pub struct TestApp {
+    pub app: Running,
+    pub issuer: LocalIssuer,
+    pub upstream: EchoUpstream,
+    pub http: reqwest::Client,
+    pub dir: tempfile::TempDir,
+}
+
+/// What an echo of the upstream looks like.
+pub struct Echo {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Echo {
+    /// The single value of a header the upstream received.
+    pub fn header(&self, name: &str) -> Option<String> {
+        let values = self.body["headers"][name].as_array()?;
+        assert_eq!(
+            values.len(),
+            1,
+            "header {name} reached the upstream {} times",
+            values.len()
+        );
+        values[0].as_str().map(str::to_owned)
+    }
+}
+
+pub struct Builder {
+    realm_path: String,
+    alg: SigningAlg,
+    issuer_options: String,
+    args: Vec<String>,
+    start_issuer_down: bool,
+    upstream: Option<String>,
+}
+
+pub fn app() -> Builder {
+    Builder {
+        realm_path: "/realms/acme".into(),
+        alg: SigningAlg::RS256,
+        issuer_options: String::new(),
+        args: Vec::new(),
+        start_issuer_down: false,
+        upstream: None,
+    }
+}
+
+impl Builder {
+    pub fn realm_path(mut self, path: &str) -> Self {
+        self.realm_path = path.into();
+        self
+    }
+
+    pub fn alg(mut self, alg: SigningAlg) -> Self {
+        self.alg = alg;
+        self
+    }
+
+    /// Appended to the `--issuer` spec, e.g. `,dialect=frontegg,audience=x`.
+    pub fn issuer_options(mut self, opts: &str) -> Self {
+        self.issuer_options = opts.into();
+        self
+    }
+
+    pub fn arg(mut self, a: &str) -> Self {
+        self.args.push(a.into());
+        self
+    }
+
+    /// Points idsync at another upstream than the echo server (e.g. a closed port).
+    pub fn upstream(mut self, url: &str) -> Self {
+        self.upstream = Some(url.into());
+        self
+    }
+
+    pub fn issuer_down_at_start(mut self) -> Self {
+        self.start_issuer_down = true;
+        self
+    }
+
+    pub async fn start(self) -> TestApp {
+        idsync::telemetry::init_for_tests();
+        let issuer = LocalIssuer::start(&self.realm_path, self.alg)
+            .await
+            .unwrap();
+        if self.start_issuer_down {
+            issuer.set_mode(idsync::devkit::IssuerMode::Down);
+        }
+        let upstream = EchoUpstream::start().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let options = self
+            .issuer_options
+            .replace("{dir}", dir.path().to_str().unwrap());
+        let mut argv: Vec<String> = vec![
+            "idsync".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--admin-listen".into(),
+            "127.0.0.1:0".into(),
+            "--upstream".into(),
+            self.upstream.clone().unwrap_or_else(|| upstream.url()),
+            "--issuer".into(),
+            format!("{}{}", issuer.issuer(), options),
+            "--database-url".into(),
+            format!("sqlite://{}/idsync.db?mode=rwc", dir.path().display()),
+            "--upstream-timeout".into(),
+            "2s".into(),
+        ];
+        argv.extend(self.args);
+        let settings = Cli::try_parse_from(&argv)
+            .unwrap()
+            .serve
+            .validate()
+            .unwrap();
+        let app = Application::build(&settings).await.unwrap().spawn();
+        let test = TestApp {
+            app,
+            issuer,
+            upstream,
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            dir,
+        };
+        if !self.start_issuer_down {
+            test.wait_ready().await;
+        }
+        test
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.app.proxy_url(), path)
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = self
+                .http
+                .get(format!("{}/readyz", self.app.admin_url()))
+                .send()
+                .await;
+            if r.is_ok_and(|r| r.status() == 200) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "idsync did not become ready in 10s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn get_with_token(&self, path: &str, token: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// GET through the proxy and parse the echo.
+    pub async fn echo(&self, req: reqwest::RequestBuilder) -> Echo {
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let body = r.json::<Value>().await.unwrap_or(Value::Null);
+        Echo { status, body }
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.app.admin_url()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The sum of a counter's samples whose label set contains `labels` (e.g. `outcome="hit"`).
+    pub async fn counter(&self, name: &str, labels: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#') && l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+/// Asserts an idsync error response: status, `error` code, an `error_id`, and for 401 the RFC 6750 challenge.
+pub async fn assert_error(r: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(r.status().as_u16(), status, "status");
+    if status == 401 {
+        let challenge = r
+            .headers()
+            .get("www-authenticate")
+            .expect("401 carries WWW-Authenticate")
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            challenge.starts_with("Bearer ") && challenge.contains(r#"error="invalid_token""#),
+            "{challenge}"
+        );
+    }
+    let body: Value = r.json().await.expect("error body is JSON");
+    assert_eq!(body["error"], code, "{body}");
+    assert_eq!(body["error_id"].as_str().map(str::len), Some(16), "{body}");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .is_some_and(|d| !d.is_empty()),
+        "{body}"
+    );
+    body
+}

@@ -1,0 +1,11 @@
+//! Black-box tests: a real local issuer, a real echo upstream and the real sidecar on loopback ports.
+//! All integration tests compile into this one binary.
+
+mod helpers;
+
+mod forward_auth;
+mod keys;
+mod proxy;
+mod startup;
+mod streaming;
+mod verify;

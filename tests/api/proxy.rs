@@ -1,0 +1,213 @@
+//! Forwarding with identity: headers the upstream sees for Keycloak and Frontegg tokens, spoofed
+//! headers stripped, tenant requests honoured only when the token allows them, upstream failures.
+
+use crate::helpers::{app, assert_error};
+use idsync::devkit::SigningAlg;
+use serde_json::json;
+
+#[tokio::test]
+async fn keycloak_token_reaches_the_upstream_with_identity_headers() {
+    let t = app().start().await;
+    let mut claims = t.issuer.claims_for("b2433b81-188f-4c01-b2ed-053bee5391d3");
+    claims["email"] = json!("grace.turing@example.com");
+    claims["name"] = json!("Grace Turing");
+    claims["realm_access"] = json!({"roles": ["default-roles-acme", "admin"]});
+    claims["resource_access"] =
+        json!({"web-app": {"roles": ["editor"]}, "account": {"roles": ["view-profile"]}});
+    claims["organization"] = json!({"acme": {"id": "38394337-9aff-503a-b737-e711338283d4"}});
+    let token = t.issuer.mint(claims);
+    let echo = t
+        .echo(
+            t.http
+                .post(t.url("/api/v1/items?page=2"))
+                .bearer_auth(&token)
+                .body("hello"),
+        )
+        .await;
+    assert_eq!(echo.status, 200);
+    assert_eq!(echo.body["method"], "POST");
+    assert_eq!(echo.body["path"], "/api/v1/items");
+    assert_eq!(echo.body["query"], "page=2");
+    assert_eq!(echo.body["body_bytes"], 5);
+    assert_eq!(
+        echo.header("x-user-id").as_deref(),
+        Some("b2433b81-188f-4c01-b2ed-053bee5391d3")
+    );
+    assert_eq!(
+        echo.header("x-tenant-id").as_deref(),
+        Some("38394337-9aff-503a-b737-e711338283d4")
+    );
+    assert_eq!(
+        echo.header("x-user-email").as_deref(),
+        Some("grace.turing@example.com")
+    );
+    assert_eq!(echo.header("x-user-name").as_deref(), Some("Grace Turing"));
+    assert_eq!(
+        echo.header("x-user-roles").as_deref(),
+        Some("default-roles-acme,admin,editor")
+    );
+    assert_eq!(echo.header("x-forwarded-proto").as_deref(), Some("http"));
+    assert_eq!(echo.header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    assert!(echo.header("x-request-id").is_some_and(|id| !id.is_empty()));
+}
+
+#[tokio::test]
+async fn frontegg_token_forwards_tenant_and_allows_switching_only_to_listed_tenants() {
+    let t = app()
+        .realm_path("")
+        .alg(SigningAlg::ES256)
+        .issuer_options(",dialect=frontegg")
+        .start()
+        .await;
+    let mut claims = t.issuer.claims_for("a588e5d5-e07d-400b-bad8-7a78303da014");
+    claims.as_object_mut().unwrap().remove("typ");
+    claims["type"] = json!("userToken");
+    claims["tenantId"] = json!("449e423c-2dc6-5f23-805d-76fed08c5a4b");
+    claims["tenantIds"] = json!([
+        "449e423c-2dc6-5f23-805d-76fed08c5a4b",
+        "0f6c1a52-77c4-4f0c-8f3e-2b7a0e5d9a10"
+    ]);
+    claims["roles"] = json!(["Admin"]);
+    claims["email"] = json!("linus@example.com");
+    let token = t.issuer.mint(claims);
+
+    let echo = t.echo(t.http.get(t.url("/")).bearer_auth(&token)).await;
+    assert_eq!(
+        echo.header("x-user-id").as_deref(),
+        Some("a588e5d5-e07d-400b-bad8-7a78303da014")
+    );
+    assert_eq!(
+        echo.header("x-tenant-id").as_deref(),
+        Some("449e423c-2dc6-5f23-805d-76fed08c5a4b")
+    );
+    assert_eq!(
+        echo.header("x-tenant-ids").as_deref(),
+        Some("449e423c-2dc6-5f23-805d-76fed08c5a4b,0f6c1a52-77c4-4f0c-8f3e-2b7a0e5d9a10")
+    );
+    assert_eq!(echo.header("x-user-roles").as_deref(), Some("Admin"));
+
+    let echo = t
+        .echo(
+            t.http
+                .get(t.url("/"))
+                .bearer_auth(&token)
+                .header("X-Tenant-Id", "0f6c1a52-77c4-4f0c-8f3e-2b7a0e5d9a10"),
+        )
+        .await;
+    assert_eq!(echo.status, 200);
+    assert_eq!(
+        echo.header("x-tenant-id").as_deref(),
+        Some("0f6c1a52-77c4-4f0c-8f3e-2b7a0e5d9a10")
+    );
+
+    let hits = t.upstream.hits();
+    let r = t
+        .http
+        .get(t.url("/"))
+        .bearer_auth(&token)
+        .header("X-Tenant-Id", "someone-elses-tenant")
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, 403, "tenant_not_permitted").await;
+    assert_eq!(t.upstream.hits(), hits);
+}
+
+#[tokio::test]
+async fn frontegg_tenant_token_forwards_the_tenant_without_a_user() {
+    let t = app()
+        .realm_path("")
+        .issuer_options(",dialect=frontegg")
+        .start()
+        .await;
+    let now = idsync::http::auth::unix_now();
+    let token = t.issuer.mint(json!({"type": "tenantApiToken", "tenantId": "t-42", "createdByUserId": "u-1", "exp": now + 60}));
+    let echo = t.echo(t.http.get(t.url("/")).bearer_auth(&token)).await;
+    assert_eq!(echo.status, 200);
+    assert_eq!(echo.header("x-tenant-id").as_deref(), Some("t-42"));
+    assert_eq!(echo.header("x-user-id"), None);
+}
+
+#[tokio::test]
+async fn spoofed_identity_headers_never_reach_the_upstream() {
+    let t = app().arg("--skip-auth").arg("/public").start().await;
+    let token = t.issuer.mint(t.issuer.claims_for("real-user"));
+    let spoof = |rb: reqwest::RequestBuilder| {
+        rb.header("X-User-Id", "admin")
+            .header("x-user-email", "root@example.com")
+            .header("X-User-Roles", "superuser")
+            .header("X-User-Role", "admin")
+            .header("X-Tenant-Ids", "all")
+            .header("X-Idsync-Synced", "true")
+            .header("X-Idsync-Whatever", "1")
+    };
+    let echo = t
+        .echo(spoof(t.http.get(t.url("/private")).bearer_auth(&token)))
+        .await;
+    assert_eq!(echo.status, 200);
+    assert_eq!(echo.header("x-user-id").as_deref(), Some("real-user"));
+    for h in [
+        "x-user-email",
+        "x-user-roles",
+        "x-user-role",
+        "x-tenant-ids",
+        "x-idsync-synced",
+        "x-idsync-whatever",
+        "x-tenant-id",
+    ] {
+        assert_eq!(echo.header(h), None, "{h} must not be forwarded");
+    }
+
+    // Public paths are proxied without a token, and still stripped.
+    let echo = t
+        .echo(spoof(t.http.get(t.url("/public/logo.png"))).header("X-Tenant-Id", "t1"))
+        .await;
+    assert_eq!(echo.status, 200);
+    for h in [
+        "x-user-id",
+        "x-user-email",
+        "x-user-roles",
+        "x-tenant-id",
+        "x-idsync-synced",
+    ] {
+        assert_eq!(
+            echo.header(h),
+            None,
+            "{h} must not be forwarded on a public path"
+        );
+    }
+    // A path that normalises out of the public prefix still needs a token.
+    let r = t.http.get(t.url("/public/../admin")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+#[tokio::test]
+async fn upstream_down_is_502_and_slow_upstream_is_504() {
+    let t = app().start().await;
+    let token = t.issuer.mint(t.issuer.claims_for("u"));
+    let r = t.get_with_token("/slow/5000", &token).await;
+    assert_error(r, 504, "upstream_timeout").await;
+
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let t2 = app().upstream(&dead).start().await;
+    let token = t2.issuer.mint(t2.issuer.claims_for("u"));
+    let r = t2.get_with_token("/", &token).await;
+    assert_error(r, 502, "upstream_unavailable").await;
+}
+
+#[tokio::test]
+async fn client_request_id_is_kept() {
+    let t = app().start().await;
+    let token = t.issuer.mint(t.issuer.claims_for("u"));
+    let echo = t
+        .echo(
+            t.http
+                .get(t.url("/"))
+                .bearer_auth(&token)
+                .header("X-Request-Id", "req-123"),
+        )
+        .await;
+    assert_eq!(echo.header("x-request-id").as_deref(), Some("req-123"));
+}

@@ -1,0 +1,145 @@
+//! The real binary's start-up contract: every configuration problem at once, exit code 2.
+
+use std::process::Command;
+
+#[test]
+fn bad_configuration_lists_every_problem_and_exits_2() {
+    let out = Command::new(env!("CARGO_BIN_EXE_idsync"))
+        .args([
+            "--listen",
+            "nope",
+            "--issuer",
+            "http://idp.example.com,dialect=okta",
+            "--leeway",
+            "soon",
+        ])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "--listen",
+        "--upstream: required",
+        "must be https://",
+        "dialect `okta`",
+        "--leeway",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn every_flag_reads_its_idsync_env_twin() {
+    let out = Command::new(env!("CARGO_BIN_EXE_idsync"))
+        .env_clear()
+        .env("IDSYNC_LISTEN", "still-nope")
+        .env("IDSYNC_UPSTREAM", "http://127.0.0.1:3000")
+        .env(
+            "IDSYNC_ISSUER",
+            "https://a.example.com/realms/x;https://b.example.com,dialect=frontegg",
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--listen: `still-nope`"), "{err}");
+    assert!(!err.contains("--upstream"), "{err}");
+    assert!(!err.contains("--issuer"), "{err}");
+}
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_requests_finish_and_exits_0() {
+    use idsync::devkit::{EchoUpstream, LocalIssuer, SigningAlg};
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let issuer = LocalIssuer::start("/realms/acme", SigningAlg::RS256)
+        .await
+        .unwrap();
+    let upstream = EchoUpstream::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_idsync"))
+        .env_clear()
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .args(["--upstream", &upstream.url(), "--issuer", issuer.issuer()])
+        .arg("--database-url")
+        .arg(format!(
+            "sqlite://{}/db.sqlite?mode=rwc",
+            dir.path().display()
+        ))
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let proxy = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["message"] == "idsync listening" {
+                return v["proxy"].as_str().unwrap().to_owned();
+            }
+        }
+        panic!("idsync exited before listening");
+    })
+    .await
+    .expect("idsync did not start in 20s");
+    // Keep draining logs so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    let token = issuer.mint(issuer.claims_for("drain-me"));
+    let http = reqwest::Client::new();
+    // Keys load in the background; wait until a request passes.
+    let mut ok = false;
+    for _ in 0..100 {
+        if http
+            .get(format!("http://{proxy}/"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(ok, "idsync never served a request");
+
+    let inflight = tokio::spawn({
+        let http = http.clone();
+        let url = format!("http://{proxy}/slow/700");
+        async move {
+            http.get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(
+        inflight.await.unwrap().unwrap(),
+        200,
+        "the in-flight request finishes"
+    );
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
