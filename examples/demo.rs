@@ -1,5 +1,6 @@
 //! The self-contained demo: a local issuer with generated keys, an echo upstream and idsync on the
-//! embedded SQLite default, all on loopback. It sends a few requests and prints what the app received.
+//! embedded SQLite default, all on loopback. It sends a few requests, prints what the app received, and
+//! then the rows sync created.
 //!
 //! Run: `cargo run --example demo`
 
@@ -108,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
 
+    show_rows(&db).await?;
     app.stop().await?;
     println!("done: idsync stopped gracefully.");
     Ok(())
@@ -155,6 +157,45 @@ async fn show(title: &str, req: reqwest::RequestBuilder) -> anyhow::Result<()> {
         if let Some(c) = challenge {
             println!("     WWW-Authenticate: {c}");
         }
+    }
+    println!();
+    Ok(())
+}
+
+/// What sync left in the app's database: the rows are keyed by the IdP's own ids.
+async fn show_rows(url: &str) -> anyhow::Result<()> {
+    use entity::{audit_events, memberships, organizations, users};
+    use sea_orm::{EntityTrait, QueryOrder};
+    let db = sea_orm::Database::connect(url).await?;
+    println!("Rows idsync synced into {url}");
+    for u in users::Entity::find().all(&db).await? {
+        println!(
+            "  users          id={} email={:?} name={:?} idp_roles={}",
+            u.id, u.email, u.name, u.idp_roles
+        );
+    }
+    for o in organizations::Entity::find().all(&db).await? {
+        println!(
+            "  organizations  id={} name={:?} slug={}",
+            o.id, o.name, o.slug
+        );
+    }
+    for m in memberships::Entity::find().all(&db).await? {
+        println!(
+            "  memberships    user={} organization={} role={}",
+            m.user_id, m.organization_id, m.role
+        );
+    }
+    for e in audit_events::Entity::find()
+        .order_by_asc(audit_events::Column::Id)
+        .all(&db)
+        .await?
+    {
+        println!(
+            "  audit_events   {} organization={}",
+            e.kind,
+            e.organization_id.unwrap_or_default()
+        );
     }
     println!();
     Ok(())

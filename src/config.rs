@@ -1,8 +1,10 @@
 //! Command line and environment: clap derive, where each doc comment is the `--help` text and every flag
 //! has an `IDSYNC_*` twin. Raw values are parsed in [`ServeArgs::validate`], which reports every problem at once.
 
+use crate::identity::RoleMap;
 use crate::identity::{ClaimPath, Dialect};
 use crate::oidc::{KeyCacheOptions, KeySource, VerifyOptions};
+use crate::provision::{MissingTenant, SyncOptions};
 use clap::{Args, Parser, Subcommand};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -25,7 +27,35 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the sidecar: proxy port and admin port (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Apply, revert or list database migrations.
+    ///
+    /// Examples: `idsync migrate up` (apply all pending), `idsync migrate down` (revert the last one),
+    /// `idsync migrate status`.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MigrateAction {
+    /// Apply every pending migration.
+    Up,
+    /// Revert the most recent migration.
+    Down,
+    /// List applied and pending migrations.
+    Status,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    pub action: MigrateAction,
+    /// Database: sqlite://PATH?mode=rwc or postgres://USER:PASS@HOST/DB.
+    #[arg(
+        long,
+        env = "IDSYNC_DATABASE_URL",
+        default_value = "sqlite://idsync.db?mode=rwc",
+        hide_env_values = true
+    )]
+    pub database_url: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -62,6 +92,10 @@ pub struct ServeArgs {
     /// Most database connections in the pool.
     #[arg(long, env = "IDSYNC_DATABASE_MAX_CONNECTIONS", default_value = "10")]
     pub database_max_connections: String,
+
+    /// How long a request waits for a database connection before answering 503.
+    #[arg(long, env = "IDSYNC_DATABASE_TIMEOUT", default_value = "3s")]
+    pub database_timeout: String,
 
     /// Log format: text or json.
     #[arg(long, env = "IDSYNC_LOG_FORMAT", default_value = "text")]
@@ -138,6 +172,61 @@ pub struct ServeArgs {
     /// On SIGTERM, how long in-flight requests get to finish.
     #[arg(long, env = "IDSYNC_SHUTDOWN_TIMEOUT", default_value = "30s")]
     pub shutdown_timeout: String,
+
+    /// Run database migrations at start (auto) or leave them to `idsync migrate up` / a migration Job (skip).
+    #[arg(long, env = "IDSYNC_MIGRATE", default_value = "auto")]
+    pub migrate: String,
+
+    /// Map an IdP role to an app role, IDP_ROLE=APP_ROLE (repeatable, or comma separated). Built in:
+    /// Admin/admin=admin, Member/member=member, Viewer/ReadOnly/viewer=viewer.
+    #[arg(long, env = "IDSYNC_ROLE_MAP", value_delimiter = ',')]
+    pub role_map: Vec<String>,
+
+    /// The app roles, strongest first; when several IdP roles map, the strongest wins.
+    #[arg(
+        long,
+        env = "IDSYNC_APP_ROLES",
+        value_delimiter = ',',
+        default_value = "admin,member,viewer"
+    )]
+    pub app_roles: Vec<String>,
+
+    /// App role for users none of whose IdP roles map.
+    #[arg(long, env = "IDSYNC_DEFAULT_ROLE", default_value = "member")]
+    pub default_role: String,
+
+    /// A user token with no tenant: reject (403 missing_tenant_claim), personal (one organization per
+    /// user) or default=ID (join organization ID).
+    #[arg(long, env = "IDSYNC_MISSING_TENANT", default_value = "reject")]
+    pub missing_tenant: String,
+
+    /// Write users.last_login_at at most this often per user.
+    #[arg(long, env = "IDSYNC_LAST_SEEN_INTERVAL", default_value = "5m")]
+    pub last_seen_interval: String,
+
+    /// Most synced identities remembered (an unchanged identity then costs no database work).
+    #[arg(long, env = "IDSYNC_SYNC_CACHE_SIZE", default_value = "100000")]
+    pub sync_cache_size: String,
+
+    /// How long a synced identity is remembered; also how long an operator's change made on another
+    /// replica can take to reach this one.
+    #[arg(long, env = "IDSYNC_SYNC_CACHE_TTL", default_value = "5m")]
+    pub sync_cache_ttl: String,
+
+    /// When the database fails: fail (503) or pass (forward the token's identity with X-Idsync-Synced: false).
+    #[arg(long, env = "IDSYNC_ON_DB_ERROR", default_value = "fail")]
+    pub on_db_error: String,
+
+    /// PostgreSQL only: create this schema for each new organization, e.g. `tenant_{slug}` ({slug} and {id}
+    /// are substituted), and forward it as X-Tenant-Schema.
+    #[arg(long, env = "IDSYNC_TENANT_SCHEMA")]
+    pub tenant_schema: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnDbError {
+    Fail,
+    Pass,
 }
 
 /// A database URL whose password never reaches a log.
@@ -211,9 +300,13 @@ pub struct Settings {
     pub header_prefix: String,
     pub database_url: DatabaseUrl,
     pub database_max_connections: u32,
+    pub database_timeout: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
     pub shutdown_timeout: Duration,
+    pub migrate: bool,
+    pub sync: SyncOptions,
+    pub on_db_error: OnDbError,
 }
 
 /// Parses `500ms`, `30s`, `10m`, `24h`, `7d`, or a bare number of seconds.
@@ -358,6 +451,7 @@ impl ServeArgs {
                     }
                 }),
         );
+        let database_timeout = p.take("--database-timeout", dur(&self.database_timeout));
         let upstream_connect_timeout = p.take(
             "--upstream-connect-timeout",
             dur(&self.upstream_connect_timeout),
@@ -399,9 +493,78 @@ impl ServeArgs {
                 "--database-url: must start with sqlite:, postgres:// or postgresql://".into(),
             );
         }
+        let migrate = p.take(
+            "--migrate",
+            match self.migrate.as_str() {
+                "auto" => Ok(true),
+                "skip" => Ok(false),
+                other => Err(format!("`{other}` is not one of: auto, skip")),
+            },
+        );
+        let roles = match RoleMap::new(&self.app_roles, &self.role_map, &self.default_role) {
+            Ok(r) => Some(r),
+            Err(errs) => {
+                p.0.extend(errs);
+                None
+            }
+        };
+        let missing_tenant = p.take(
+            "--missing-tenant",
+            MissingTenant::parse(&self.missing_tenant),
+        );
+        let last_seen_interval = p.take("--last-seen-interval", dur(&self.last_seen_interval));
+        let sync_cache_size = p.take(
+            "--sync-cache-size",
+            self.sync_cache_size
+                .parse::<u64>()
+                .map_err(|_| "not a number".into()),
+        );
+        let sync_cache_ttl = p.take("--sync-cache-ttl", dur(&self.sync_cache_ttl));
+        let on_db_error = p.take(
+            "--on-db-error",
+            match self.on_db_error.as_str() {
+                "fail" => Ok(OnDbError::Fail),
+                "pass" => Ok(OnDbError::Pass),
+                other => Err(format!("`{other}` is not one of: fail, pass")),
+            },
+        );
+        if let Some(template) = &self.tenant_schema {
+            if DatabaseUrl::new(self.database_url.clone()).is_sqlite() {
+                p.0.push("--tenant-schema: schemas per tenant need PostgreSQL; SQLite has no schemas (remove the flag or use a postgres:// --database-url)".into());
+            } else {
+                p.take(
+                    "--tenant-schema",
+                    crate::provision::naming::schema_name(template, "example", "example")
+                        .map(|_| ()),
+                );
+            }
+        }
         if !p.0.is_empty() {
             return Err(p.0);
         }
+        let Some(database_timeout) = database_timeout else {
+            return Err(vec!["internal: a setting was not parsed".into()]);
+        };
+        let (
+            Some(migrate),
+            Some(roles),
+            Some(missing_tenant),
+            Some(last_seen_interval),
+            Some(sync_cache_size),
+            Some(sync_cache_ttl),
+            Some(on_db_error),
+        ) = (
+            migrate,
+            roles,
+            missing_tenant,
+            last_seen_interval,
+            sync_cache_size,
+            sync_cache_ttl,
+            on_db_error,
+        )
+        else {
+            return Err(vec!["internal: a setting was not parsed".into()]);
+        };
         // Every `take` above succeeded, so every Option is Some.
         let (
             Some(listen),
@@ -467,9 +630,20 @@ impl ServeArgs {
             header_prefix: self.header_prefix.clone(),
             database_url,
             database_max_connections: db_max,
+            database_timeout,
             log_format,
             log_level,
             shutdown_timeout,
+            migrate,
+            sync: SyncOptions {
+                roles,
+                missing_tenant,
+                tenant_schema: self.tenant_schema.clone(),
+                cache_size: sync_cache_size,
+                cache_ttl: sync_cache_ttl,
+                last_seen_interval,
+            },
+            on_db_error,
         })
     }
 }
@@ -648,6 +822,61 @@ mod tests {
         assert!(with("http://localhost:8081", false).is_ok());
         assert!(with("http://idp.internal", false).is_err());
         assert!(with("http://idp.internal", true).is_ok());
+    }
+
+    #[test]
+    fn tenant_schema_is_refused_on_sqlite_with_a_clear_message() {
+        let errs = args(&[
+            "--upstream",
+            "http://127.0.0.1:3000",
+            "--issuer",
+            "https://a.example.com",
+            "--tenant-schema",
+            "tenant_{slug}",
+        ])
+        .validate()
+        .unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.contains("need PostgreSQL")),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn sync_policies_are_parsed() {
+        let s = args(&[
+            "--upstream",
+            "http://127.0.0.1:3000",
+            "--issuer",
+            "https://a.example.com",
+            "--missing-tenant",
+            "default=org-1",
+            "--role-map",
+            "ops=admin,billing=viewer",
+            "--on-db-error",
+            "pass",
+        ])
+        .validate()
+        .unwrap();
+        assert_eq!(
+            s.sync.missing_tenant,
+            MissingTenant::Default("org-1".into())
+        );
+        assert_eq!(s.sync.roles.app_role(&["ops".to_string()]), "admin");
+        assert_eq!(s.on_db_error, OnDbError::Pass);
+        let errs = args(&[
+            "--upstream",
+            "http://127.0.0.1:3000",
+            "--issuer",
+            "https://a.example.com",
+            "--missing-tenant",
+            "maybe",
+            "--role-map",
+            "x=owner",
+        ])
+        .validate()
+        .unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
     }
 
     #[test]

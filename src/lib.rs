@@ -8,5 +8,6 @@ pub mod devkit;
 pub mod http;
 pub mod identity;
 pub mod oidc;
+pub mod provision;
 pub mod startup;
 pub mod telemetry;

@@ -1,12 +1,15 @@
-//! Schema migrations for the tables idsync owns; `Migrator::up` runs at start, `migration` is also a CLI.
+//! Schema migrations for the tables idsync owns; `Migrator::up` runs at start (unless `--migrate skip`),
+//! and `idsync migrate up|down|status` runs them by hand. Migrations do not depend on `entity`.
 
 pub use sea_orm_migration::prelude::*;
+
+mod m20261122_000001_identity_tables;
 
 pub struct Migrator;
 
 #[sea_orm_migration::async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        Vec::new()
+        vec![Box::new(m20261122_000001_identity_tables::Migration)]
     }
 }

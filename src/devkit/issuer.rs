@@ -224,10 +224,10 @@ impl LocalIssuer {
         self.sign_with(&self.newest(), header, claims)
     }
 
-    /// A typical set of claims for a user, valid for five minutes from now.
+    /// A typical set of claims for a user in tenant `acme`, valid for five minutes from now.
     pub fn claims_for(&self, sub: &str) -> Value {
         let now = crate::http::auth::unix_now();
-        json!({"iss": self.issuer(), "sub": sub, "iat": now, "exp": now + 300, "typ": "Bearer", "azp": "web-app"})
+        json!({"iss": self.issuer(), "sub": sub, "iat": now, "exp": now + 300, "typ": "Bearer", "azp": "web-app", "tenant_id": "acme"})
     }
 
     fn with_iss(&self, mut claims: Value) -> Value {

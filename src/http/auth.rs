@@ -6,6 +6,7 @@ use super::error::ApiError;
 use super::headers::{self, Forwarded, HeaderNames};
 use crate::identity::{Identity, IdentityError, MappingRules, map_claims};
 use crate::oidc::{Verifier, VerifyError};
+use crate::provision::Provisioned;
 use http::{HeaderMap, header};
 use moka::Expiry;
 use moka::future::Cache;
@@ -205,13 +206,30 @@ pub fn resolve_tenant(identity: &Identity, asks: &ClientAsks) -> Result<Option<S
     match &asks.tenant {
         None => Ok(identity.tenant.as_ref().map(|t| t.to_string())),
         Some(wanted) if identity.allows_tenant(wanted) => Ok(Some(wanted.clone())),
-        Some(_) => Err(ApiError::TenantNotPermitted(
+        Some(_) => Err(ApiError::Forbidden(
+            "tenant_not_permitted",
             "the requested tenant is not one the token allows".into(),
         )),
     }
 }
 
-/// What the upstream is told, from the identity alone (before any database sync).
+/// What the upstream is told once the identity is synced: ids, slug and role from the rows.
+pub fn forwarded_from_sync(identity: &Identity, synced: &Provisioned) -> Forwarded {
+    Forwarded {
+        user_id: synced.user_id.clone(),
+        email: synced.email.clone(),
+        name: synced.name.clone(),
+        roles: identity.roles.clone(),
+        role: synced.role.clone(),
+        tenant_id: synced.tenant_id.clone(),
+        tenant_ids: identity.tenants.iter().map(|t| t.to_string()).collect(),
+        tenant_slug: synced.tenant_slug.clone(),
+        tenant_schema: synced.tenant_schema.clone(),
+        synced: None,
+    }
+}
+
+/// What the upstream is told from the identity alone (when sync is skipped under `--on-db-error pass`).
 pub fn forwarded_from_identity(identity: &Identity, tenant: Option<String>) -> Forwarded {
     Forwarded {
         user_id: identity.subject.as_ref().map(|s| s.to_string()),

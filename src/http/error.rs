@@ -13,21 +13,42 @@ pub enum ApiError {
     /// 400: the request itself is malformed (e.g. several `Authorization` headers).
     #[error("{0}")]
     InvalidRequest(String),
-    /// 403: the caller asked for a tenant the token does not allow.
-    #[error("{0}")]
-    TenantNotPermitted(String),
-    /// 403: the token names no tenant and the policy requires one.
-    #[error("{0}")]
-    MissingTenant(String),
+    /// 403: tenant policy refuses the identity; the code names the rule (`tenant_not_permitted`,
+    /// `missing_tenant_claim`, `identity_conflict`, `user_inactive`, `tenant_inactive`, `membership_inactive`).
+    #[error("{1}")]
+    Forbidden(&'static str, String),
     /// 502: the upstream could not be reached or broke the connection.
     #[error("{0}")]
     UpstreamUnavailable(String),
     /// 504: the upstream did not answer in time.
     #[error("upstream did not respond in time")]
     UpstreamTimeout,
-    /// 503: a dependency (the IdP's keys, the database) is unavailable.
+    /// 503: a dependency (the IdP's keys) is unavailable.
     #[error("{0}")]
     Unavailable(String),
+    /// 503: the database failed; the detail goes to the log, not to the client.
+    #[error("the identity database is unavailable")]
+    DatabaseUnavailable(String),
+    /// 500: a bug or a misconfiguration; the detail goes to the log, not to the client.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl From<crate::provision::ProvisionError> for ApiError {
+    fn from(e: crate::provision::ProvisionError) -> Self {
+        use crate::provision::ProvisionError as P;
+        let text = e.to_string();
+        match e {
+            P::TenantNotPermitted => Self::Forbidden("tenant_not_permitted", text),
+            P::MissingTenant(_) => Self::Forbidden("missing_tenant_claim", text),
+            P::IdentityConflict(_) => Self::Forbidden("identity_conflict", text),
+            P::UserInactive => Self::Forbidden("user_inactive", text),
+            P::TenantInactive => Self::Forbidden("tenant_inactive", text),
+            P::MembershipInactive => Self::Forbidden("membership_inactive", text),
+            P::Naming(n) => Self::Internal(n),
+            P::Database(db) => Self::DatabaseUnavailable(db.to_string()),
+        }
+    }
 }
 
 /// Put on every error response so the access log can name the same id.
@@ -42,10 +63,11 @@ impl ApiError {
         match self {
             Self::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
-            Self::TenantNotPermitted(_) | Self::MissingTenant(_) => StatusCode::FORBIDDEN,
+            Self::Forbidden(..) => StatusCode::FORBIDDEN,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::DatabaseUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -54,11 +76,11 @@ impl ApiError {
         match self {
             Self::InvalidToken(_) => "invalid_token",
             Self::InvalidRequest(_) => "invalid_request",
-            Self::TenantNotPermitted(_) => "tenant_not_permitted",
-            Self::MissingTenant(_) => "missing_tenant_claim",
+            Self::Forbidden(code, _) => code,
             Self::UpstreamUnavailable(_) => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
-            Self::Unavailable(_) => "temporarily_unavailable",
+            Self::Unavailable(_) | Self::DatabaseUnavailable(_) => "temporarily_unavailable",
+            Self::Internal(_) => "internal_error",
         }
     }
 }
@@ -73,8 +95,12 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let code = self.code();
         let description = self.to_string();
+        let detail = match &self {
+            Self::DatabaseUnavailable(d) | Self::Internal(d) => Some(d.as_str()),
+            _ => None,
+        };
         if status.is_server_error() {
-            tracing::warn!(error_id, error = self.code(), status = status.as_u16(), reason = %description, "request failed");
+            tracing::warn!(error_id, error = self.code(), status = status.as_u16(), reason = %description, detail, "request failed");
         } else {
             tracing::info!(error_id, error = self.code(), status = status.as_u16(), reason = %description, "request refused");
         }

@@ -7,6 +7,8 @@ pub mod error;
 pub mod headers;
 pub mod proxy;
 
+use crate::config::OnDbError;
+use crate::provision::{ProvisionError, Provisioner};
 use auth::{Authenticator, ClientAsks};
 use axum::Router;
 use axum::body::Body;
@@ -27,6 +29,8 @@ pub struct AppState {
     pub names: HeaderNames,
     /// Path prefixes proxied without a token (still stripped).
     pub skip_auth: Vec<String>,
+    pub provisioner: Arc<Provisioner>,
+    pub on_db_error: OnDbError,
 }
 
 /// Who a request was for, for the access log.
@@ -58,11 +62,22 @@ async fn pipeline(
     }
     let token = auth::bearer_token(headers)?;
     let authenticated = state.auth.authenticate(token, auth::unix_now()).await?;
-    let tenant = auth::resolve_tenant(&authenticated.identity, &asks)?;
-    Ok(Some(auth::forwarded_from_identity(
-        &authenticated.identity,
-        tenant,
-    )))
+    let identity = &authenticated.identity;
+    match state
+        .provisioner
+        .sync(identity, asks.tenant.as_deref())
+        .await
+    {
+        Ok(synced) => Ok(Some(auth::forwarded_from_sync(identity, &synced))),
+        Err(ProvisionError::Database(e)) if state.on_db_error == OnDbError::Pass => {
+            tracing::warn!(error = %e, "database unavailable; forwarding the unsynced identity (--on-db-error pass)");
+            let tenant = auth::resolve_tenant(identity, &asks)?;
+            let mut forwarded = auth::forwarded_from_identity(identity, tenant);
+            forwarded.synced = Some(false);
+            Ok(Some(forwarded))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn reverse_proxy(

@@ -43,29 +43,34 @@ pub(super) fn map(
     if orgs.is_empty() {
         apply_tenant_claim(&mut identity, claims, rules)?;
     } else {
-        identity.tenant = orgs.first().cloned();
-        identity.tenants = orgs;
+        identity.tenant = orgs.first().map(|(id, _)| id.clone());
+        identity.tenants = orgs.iter().map(|(id, _)| id.clone()).collect();
+        identity.tenant_names = orgs
+            .into_iter()
+            .filter_map(|(id, alias)| Some((id, alias?)))
+            .collect();
     }
     Ok(identity)
 }
 
 /// The Keycloak Organizations claim: a list of aliases, a map of alias -> `{ "id": .. }` (the id wins,
-/// an alias can be renamed), or one alias string. Order follows the token.
-fn organizations(value: Option<&Value>) -> Result<Vec<IdpId>, IdentityError> {
+/// an alias can be renamed), or one alias string. Order follows the token. Each id comes with its alias
+/// when the alias is not the id itself.
+fn organizations(value: Option<&Value>) -> Result<Vec<(IdpId, Option<String>)>, IdentityError> {
     const CLAIM: &str = "organization";
-    let mut out: Vec<IdpId> = Vec::new();
-    let mut push = |id: IdpId| {
-        if !out.contains(&id) {
-            out.push(id);
+    let mut out: Vec<(IdpId, Option<String>)> = Vec::new();
+    let mut push = |id: IdpId, alias: Option<String>| {
+        if !out.iter().any(|(x, _)| *x == id) {
+            out.push((id, alias));
         }
     };
     match value {
         None | Some(Value::Null) => {}
-        Some(Value::String(alias)) => push(IdpId::parse(CLAIM, alias)?),
+        Some(Value::String(alias)) => push(IdpId::parse(CLAIM, alias)?, None),
         Some(Value::Array(items)) => {
             for item in items {
                 match item {
-                    Value::String(alias) => push(IdpId::parse(CLAIM, alias)?),
+                    Value::String(alias) => push(IdpId::parse(CLAIM, alias)?, None),
                     _ => {
                         return Err(IdentityError::InvalidClaim {
                             claim: CLAIM.into(),
@@ -87,7 +92,8 @@ fn organizations(value: Option<&Value>) -> Result<Vec<IdpId>, IdentityError> {
                         });
                     }
                 };
-                push(IdpId::parse(CLAIM, id)?);
+                let alias = (id != alias.as_str()).then(|| alias.clone());
+                push(IdpId::parse(CLAIM, id)?, alias);
             }
         }
         Some(_) => {

@@ -5,12 +5,14 @@ mod claims;
 mod frontegg;
 mod generic;
 mod keycloak;
+mod roles;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
 use std::fmt;
 
 pub use claims::ClaimPath;
+pub use roles::RoleMap;
 
 /// Longest identifier (subject, tenant id) idsync accepts; longer ones are not ids but payloads.
 pub const MAX_ID_BYTES: usize = 255;
@@ -106,6 +108,8 @@ pub struct Identity {
     pub tenant: Option<TenantId>,
     /// Every tenant the token allows the caller to act in (includes `tenant`).
     pub tenants: Vec<TenantId>,
+    /// Display names the token gives for tenants (Keycloak organization aliases).
+    pub tenant_names: Vec<(TenantId, String)>,
     pub email: Option<String>,
     pub email_verified: Option<bool>,
     pub name: Option<String>,
@@ -124,6 +128,13 @@ pub struct Identity {
 
 impl Identity {
     /// Whether the token allows acting in `tenant` (its own tenant or one of its listed tenants).
+    pub fn tenant_name(&self, tenant: &str) -> Option<&str> {
+        self.tenant_names
+            .iter()
+            .find(|(id, _)| id.as_str() == tenant)
+            .map(|(_, n)| n.as_str())
+    }
+
     pub fn allows_tenant(&self, tenant: &str) -> bool {
         self.tenant.as_ref().is_some_and(|t| t.as_str() == tenant)
             || self.tenants.iter().any(|t| t.as_str() == tenant)
@@ -188,6 +199,7 @@ fn standard_profile(claims: &Map<String, Value>) -> Result<Identity, IdentityErr
         subject: None,
         tenant: None,
         tenants: Vec::new(),
+        tenant_names: Vec::new(),
         email: opt_profile(claims, "email")?,
         email_verified: opt_bool(claims, "email_verified")?,
         name: opt_profile(claims, "name")?,

@@ -42,6 +42,8 @@ pub struct Builder {
     args: Vec<String>,
     start_issuer_down: bool,
     upstream: Option<String>,
+    database: Option<String>,
+    issuer: Option<LocalIssuer>,
 }
 
 pub fn app() -> Builder {
@@ -52,6 +54,8 @@ pub fn app() -> Builder {
         args: Vec::new(),
         start_issuer_down: false,
         upstream: None,
+        database: None,
+        issuer: None,
     }
 }
 
@@ -77,6 +81,18 @@ impl Builder {
         self
     }
 
+    /// Uses this database URL instead of a fresh SQLite file.
+    pub fn database(mut self, url: &str) -> Self {
+        self.database = Some(url.into());
+        self
+    }
+
+    /// Trusts an existing issuer instead of starting a new one (several sidecars, one IdP).
+    pub fn with_issuer(mut self, issuer: &LocalIssuer) -> Self {
+        self.issuer = Some(issuer.clone());
+        self
+    }
+
     /// Points idsync at another upstream than the echo server (e.g. a closed port).
     pub fn upstream(mut self, url: &str) -> Self {
         self.upstream = Some(url.into());
@@ -90,9 +106,12 @@ impl Builder {
 
     pub async fn start(self) -> TestApp {
         idsync::telemetry::init_for_tests();
-        let issuer = LocalIssuer::start(&self.realm_path, self.alg)
-            .await
-            .unwrap();
+        let issuer = match self.issuer {
+            Some(i) => i,
+            None => LocalIssuer::start(&self.realm_path, self.alg)
+                .await
+                .unwrap(),
+        };
         if self.start_issuer_down {
             issuer.set_mode(idsync::devkit::IssuerMode::Down);
         }
@@ -112,7 +131,9 @@ impl Builder {
             "--issuer".into(),
             format!("{}{}", issuer.issuer(), options),
             "--database-url".into(),
-            format!("sqlite://{}/idsync.db?mode=rwc", dir.path().display()),
+            self.database
+                .clone()
+                .unwrap_or_else(|| format!("sqlite://{}/idsync.db?mode=rwc", dir.path().display())),
             "--upstream-timeout".into(),
             "2s".into(),
         ];

@@ -1,6 +1,8 @@
 //! Black-box tests: a real local issuer, a real echo upstream and the real sidecar on loopback ports.
 //! All integration tests compile into this one binary.
 
+#[macro_use]
+mod db;
 mod helpers;
 
 mod forward_auth;
@@ -8,4 +10,5 @@ mod keys;
 mod proxy;
 mod startup;
 mod streaming;
+mod sync;
 mod verify;

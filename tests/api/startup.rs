@@ -143,3 +143,27 @@ async fn sigterm_lets_in_flight_requests_finish_and_exits_0() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn migrate_subcommand_applies_and_reports_migrations() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/m.db?mode=rwc", dir.path().display());
+    let run = |action: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_idsync"))
+            .env_clear()
+            .args(["migrate", action, "--database-url", &url])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{action}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(run("status").contains("pending  m20261122_000001_identity_tables"));
+    run("up");
+    assert!(run("status").contains("applied  m20261122_000001_identity_tables"));
+    run("down");
+    assert!(run("status").contains("pending  m20261122_000001_identity_tables"));
+}

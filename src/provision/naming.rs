@@ -1,0 +1,99 @@
+//! Names derived from IdP ids: organization slugs and per-tenant PostgreSQL schema names.
+
+use aws_lc_rs::digest::{SHA256, digest};
+
+const MAX_SLUG: usize = 48;
+
+/// A URL-safe slug from `text`: lowercase ASCII letters and digits, `-` between words.
+pub fn slugify(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.chars() {
+        if c.is_ascii_alphanumeric() {
+            out.push(c.to_ascii_lowercase());
+        } else if !out.is_empty() && !out.ends_with('-') {
+            out.push('-');
+        }
+        if out.len() >= MAX_SLUG {
+            break;
+        }
+    }
+    out.trim_end_matches('-').to_owned()
+}
+
+/// Short stable hex digest of `parts`, for disambiguation and deterministic ids.
+pub fn short_hash(parts: &[&str], hex_len: usize) -> String {
+    let joined = parts.join("\u{0}");
+    let d = digest(&SHA256, joined.as_bytes());
+    d.as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()[..hex_len]
+        .to_owned()
+}
+
+/// Slug candidates for a new organization: from its name, then the name with a suffix from its id
+/// (when another organization already has the plain slug).
+pub fn slug_candidates(name: &str, id: &str) -> [String; 2] {
+    let base = match slugify(name) {
+        s if !s.is_empty() => s,
+        _ => match slugify(id) {
+            s if !s.is_empty() => s,
+            _ => "org".to_owned(),
+        },
+    };
+    let suffixed = format!("{base}-{}", short_hash(&[id], 8));
+    [base, suffixed]
+}
+
+/// The schema name for a tenant from a template such as `tenant_{slug}`; `{slug}` and `{id}` are
+/// substituted with `-` turned into `_`. The result must match `^[a-z_][a-z0-9_]{0,62}$`.
+pub fn schema_name(template: &str, slug: &str, id: &str) -> Result<String, String> {
+    let name = template
+        .replace("{slug}", &slug.replace('-', "_"))
+        .replace("{id}", &id.to_ascii_lowercase().replace('-', "_"));
+    let valid = name.len() <= 63
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if valid {
+        Ok(name)
+    } else {
+        Err(format!(
+            "schema name `{}` is not ^[a-z_][a-z0-9_]{{0,62}}$",
+            name.escape_debug()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slugs_are_url_safe_and_bounded() {
+        assert_eq!(slugify("Acme Corp, Inc."), "acme-corp-inc");
+        assert_eq!(slugify("  --Zoë's  Café--"), "zo-s-caf");
+        assert_eq!(slugify(&"x".repeat(100)).len(), 48);
+        assert_eq!(slug_candidates("李", "38394337-9aff")[0], "38394337-9aff");
+        assert_eq!(slug_candidates("", "")[0], "org");
+        assert!(slug_candidates("acme", "id-1")[1].starts_with("acme-"));
+    }
+
+    #[test]
+    fn schema_names_are_validated_so_nothing_can_be_injected() {
+        assert_eq!(
+            schema_name("tenant_{slug}", "acme-corp", "x").unwrap(),
+            "tenant_acme_corp"
+        );
+        assert!(schema_name("tenant_{id}", "s", "x\"; DROP SCHEMA public; --").is_err());
+        assert!(
+            schema_name("{slug}", "9lives", "x").is_err(),
+            "must not start with a digit"
+        );
+        assert!(schema_name("tenant_{slug}", &"a".repeat(80), "x").is_err());
+    }
+}
