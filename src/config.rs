@@ -80,6 +80,11 @@ pub struct ServeArgs {
     #[arg(long, env = "IDSYNC_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
     pub admin_listen: String,
 
+    /// File holding the bearer token the admin API requires. Required when --admin-listen is not a
+    /// loopback address.
+    #[arg(long, env = "IDSYNC_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
     /// Database for synced users and tenants: sqlite://PATH?mode=rwc or postgres://USER:PASS@HOST/DB.
     #[arg(
         long,
@@ -157,6 +162,23 @@ pub struct ServeArgs {
     #[arg(long, env = "IDSYNC_SKIP_AUTH", value_delimiter = ',')]
     pub skip_auth: Vec<String>,
 
+    /// Browser origin allowed to call through idsync (repeatable, or comma separated; exact origins such as
+    /// https://app.example.com). Preflights are answered by idsync without a token.
+    #[arg(long, env = "IDSYNC_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
+    pub cors_allow_origin: Vec<String>,
+
+    /// Request headers browsers may send cross-origin.
+    #[arg(
+        long,
+        env = "IDSYNC_CORS_ALLOW_HEADERS",
+        default_value = "authorization,content-type,x-tenant-id,x-request-id"
+    )]
+    pub cors_allow_headers: String,
+
+    /// How long browsers may cache a preflight answer.
+    #[arg(long, env = "IDSYNC_CORS_MAX_AGE", default_value = "10m")]
+    pub cors_max_age: String,
+
     /// Prefix of the identity headers: X- gives X-User-Id, X-Tenant-Id, X-Idsync-Synced...
     #[arg(long, env = "IDSYNC_HEADER_PREFIX", default_value = "X-")]
     pub header_prefix: String,
@@ -229,6 +251,22 @@ pub enum OnDbError {
     Pass,
 }
 
+/// The admin API's bearer token; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(REDACTED)")
+    }
+}
+
 /// A database URL whose password never reaches a log.
 #[derive(Clone, PartialEq, Eq)]
 pub struct DatabaseUrl(String);
@@ -287,6 +325,8 @@ pub struct IssuerSettings {
 pub struct Settings {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    /// The admin API's bearer token, if configured.
+    pub admin_token: Option<AdminToken>,
     pub upstream: Url,
     pub upstream_connect_timeout: Duration,
     pub upstream_timeout: Duration,
@@ -298,6 +338,7 @@ pub struct Settings {
     pub token_cache_size: u64,
     pub skip_auth: Vec<String>,
     pub header_prefix: String,
+    pub cors: crate::http::cors::CorsPolicy,
     pub database_url: DatabaseUrl,
     pub database_max_connections: u32,
     pub database_timeout: Duration,
@@ -384,6 +425,29 @@ impl ServeArgs {
                     }),
             ),
         };
+        let admin_token = self.admin_token_file.as_ref().and_then(|path| {
+            p.take(
+                "--admin-token-file",
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("{}: {e}", path.display()))
+                    .and_then(|t| {
+                        let t = t.trim().to_owned();
+                        if t.len() < 16 {
+                            Err("the token must be at least 16 characters".into())
+                        } else {
+                            Ok(AdminToken(t))
+                        }
+                    }),
+            )
+        });
+        if let Some(addr) = &admin_listen
+            && !is_loopback(addr)
+            && self.admin_token_file.is_none()
+        {
+            p.0.push(format!(
+                "--admin-listen: {addr} is not a loopback address, so the admin API needs --admin-token-file (or listen on 127.0.0.1)"
+            ));
+        }
         let tenant_claim = p.take("--tenant-claim", ClaimPath::new(self.tenant_claim.clone()));
         let roles_claim = p.take("--roles-claim", ClaimPath::new(self.roles_claim.clone()));
         let mut issuers = Vec::new();
@@ -451,6 +515,17 @@ impl ServeArgs {
                     }
                 }),
         );
+        let cors_max_age = p.take("--cors-max-age", dur(&self.cors_max_age));
+        let cors = cors_max_age.and_then(|max_age| {
+            p.take(
+                "--cors-allow-origin",
+                crate::http::cors::CorsPolicy::new(
+                    &self.cors_allow_origin,
+                    &self.cors_allow_headers,
+                    max_age,
+                ),
+            )
+        });
         let database_timeout = p.take("--database-timeout", dur(&self.database_timeout));
         let upstream_connect_timeout = p.take(
             "--upstream-connect-timeout",
@@ -542,7 +617,7 @@ impl ServeArgs {
         if !p.0.is_empty() {
             return Err(p.0);
         }
-        let Some(database_timeout) = database_timeout else {
+        let (Some(database_timeout), Some(cors)) = (database_timeout, cors) else {
             return Err(vec!["internal: a setting was not parsed".into()]);
         };
         let (
@@ -609,6 +684,7 @@ impl ServeArgs {
         Ok(Settings {
             listen,
             admin_listen,
+            admin_token,
             upstream,
             upstream_connect_timeout,
             upstream_timeout,
@@ -628,6 +704,7 @@ impl ServeArgs {
             token_cache_size,
             skip_auth,
             header_prefix: self.header_prefix.clone(),
+            cors,
             database_url,
             database_max_connections: db_max,
             database_timeout,
@@ -822,6 +899,37 @@ mod tests {
         assert!(with("http://localhost:8081", false).is_ok());
         assert!(with("http://idp.internal", false).is_err());
         assert!(with("http://idp.internal", true).is_ok());
+    }
+
+    #[test]
+    fn a_non_loopback_admin_port_needs_a_token_file_and_the_token_never_prints() {
+        let base = [
+            "--upstream",
+            "http://127.0.0.1:3000",
+            "--issuer",
+            "https://a.example.com",
+            "--admin-listen",
+            "0.0.0.0:9090",
+        ];
+        let errs = args(&base).validate().unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.contains("needs --admin-token-file")),
+            "{errs:?}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "a-very-secret-admin-token\n").unwrap();
+        let mut with_file = base.to_vec();
+        with_file.extend(["--admin-token-file", file.to_str().unwrap()]);
+        let s = args(&with_file).validate().unwrap();
+        assert_eq!(
+            s.admin_token.as_ref().unwrap().expose(),
+            "a-very-secret-admin-token"
+        );
+        assert!(
+            !format!("{s:?}").contains("a-very-secret"),
+            "settings Debug must not show the token"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod devkit;
+pub mod directory;
 pub mod http;
 pub mod identity;
 pub mod oidc;

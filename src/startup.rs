@@ -2,6 +2,7 @@
 //! migrations, builds the key caches and the pipeline, binds both listeners and owns background tasks.
 
 use crate::config::Settings;
+use crate::directory::Directory;
 use crate::http::admin::{self, AdminState};
 use crate::http::auth::Authenticator;
 use crate::http::headers::HeaderNames;
@@ -107,7 +108,12 @@ impl Application {
             names,
             skip_auth: settings.skip_auth.clone(),
             provisioner: provisioner.clone(),
+            directory: Arc::new(Directory::new(
+                db.clone(),
+                settings.sync.tenant_schema.clone(),
+            )),
             on_db_error: settings.on_db_error,
+            cors: settings.cors.clone(),
         });
         let flush_every = (settings.sync.last_seen_interval / 4)
             .clamp(Duration::from_millis(100), Duration::from_secs(5));
@@ -132,6 +138,11 @@ impl Application {
             app: state.clone(),
             db,
             metrics,
+            admin_token: settings
+                .admin_token
+                .as_ref()
+                .map(|t| Arc::new(t.expose().to_owned())),
+            app_roles: Arc::new(settings.sync.roles.app_roles().to_vec()),
         };
         Ok(Self {
             proxy_listener,

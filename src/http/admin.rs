@@ -1,7 +1,8 @@
 //! The admin listener (loopback by default), apart from the proxy port:
 //! - `GET /livez`: the process is up (never checks dependencies, so a down IdP cannot restart-loop pods);
 //! - `GET /readyz`: 200 when every issuer has usable keys and the database answers, else 503 with reasons;
-//! - `GET /metrics`: Prometheus text format.
+//! - `GET /metrics`: Prometheus text format;
+//! - `/admin/v1/...`: the admin API (see `admin_api`), behind `--admin-token-file` when set.
 
 use super::AppState;
 use axum::extract::State;
@@ -20,13 +21,20 @@ pub struct AdminState {
     pub app: Arc<AppState>,
     pub db: DatabaseConnection,
     pub metrics: PrometheusHandle,
+    pub admin_token: Option<Arc<String>>,
+    pub app_roles: Arc<Vec<String>>,
 }
 
 pub fn router(state: AdminState) -> Router {
+    let api = super::admin_api::router().layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        super::admin_api::require_token,
+    ));
     Router::new()
         .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .nest("/admin/v1", api)
         .with_state(state)
 }
 

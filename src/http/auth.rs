@@ -59,12 +59,26 @@ impl Authenticator {
             Cache::builder()
                 .max_capacity(cache_size)
                 .expire_after(UntilExp)
+                .support_invalidation_closures()
                 .build()
         });
         Self {
             verifier,
             rules,
             cache,
+        }
+    }
+
+    /// Drops every cached token of `subject`, so its next request is verified and synced afresh.
+    pub fn invalidate_subject(&self, subject: &str) {
+        if let Some(cache) = &self.cache {
+            let subject = subject.to_owned();
+            let _ = cache.invalidate_entries_if(move |_, v| {
+                v.identity
+                    .subject
+                    .as_ref()
+                    .is_some_and(|s| s.as_str() == subject)
+            });
         }
     }
 

@@ -17,6 +17,12 @@ pub enum ApiError {
     /// `missing_tenant_claim`, `identity_conflict`, `user_inactive`, `tenant_inactive`, `membership_inactive`).
     #[error("{1}")]
     Forbidden(&'static str, String),
+    /// 404: an admin API resource does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// 409: an admin API change conflicts with the current state (e.g. deleting a tenant with members).
+    #[error("{0}")]
+    Conflict(String),
     /// 502: the upstream could not be reached or broke the connection.
     #[error("{0}")]
     UpstreamUnavailable(String),
@@ -32,6 +38,18 @@ pub enum ApiError {
     /// 500: a bug or a misconfiguration; the detail goes to the log, not to the client.
     #[error("internal error")]
     Internal(String),
+}
+
+impl From<crate::directory::DirectoryError> for ApiError {
+    fn from(e: crate::directory::DirectoryError) -> Self {
+        use crate::directory::DirectoryError as D;
+        match e {
+            D::NotFound(what) => Self::NotFound(format!("{what} not found")),
+            D::Conflict(m) => Self::Conflict(m),
+            D::Invalid(m) => Self::InvalidRequest(m),
+            D::Db(db) => Self::DatabaseUnavailable(db.to_string()),
+        }
+    }
 }
 
 impl From<crate::provision::ProvisionError> for ApiError {
@@ -63,6 +81,8 @@ impl ApiError {
         match self {
             Self::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Forbidden(..) => StatusCode::FORBIDDEN,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -76,6 +96,8 @@ impl ApiError {
         match self {
             Self::InvalidToken(_) => "invalid_token",
             Self::InvalidRequest(_) => "invalid_request",
+            Self::NotFound(_) => "not_found",
+            Self::Conflict(_) => "conflict",
             Self::Forbidden(code, _) => code,
             Self::UpstreamUnavailable(_) => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",

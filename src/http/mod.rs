@@ -1,8 +1,11 @@
-//! The HTTP edge: the proxy listener (reverse proxy and forward-auth on one pipeline) and the admin
-//! listener. Builds no SQL and holds no policy of its own beyond mapping outcomes to statuses.
+//! The HTTP edge: the proxy listener (reverse proxy, forward-auth and `/.idsync/me|tenant` on one
+//! pipeline, CORS) and the admin listener. Builds no SQL and holds no policy of its own beyond mapping
+//! outcomes to statuses.
 
 pub mod admin;
+pub mod admin_api;
 pub mod auth;
+pub mod cors;
 pub mod error;
 pub mod headers;
 pub mod proxy;
@@ -10,15 +13,17 @@ pub mod proxy;
 use crate::config::OnDbError;
 use crate::provision::{ProvisionError, Provisioner};
 use auth::{Authenticator, ClientAsks};
+use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::any;
+use axum::routing::{any, get};
 use error::{ApiError, ErrorId};
 use headers::{Forwarded, HeaderNames};
 use http::{HeaderMap, StatusCode};
+use serde_json::json;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -30,7 +35,9 @@ pub struct AppState {
     /// Path prefixes proxied without a token (still stripped).
     pub skip_auth: Vec<String>,
     pub provisioner: Arc<Provisioner>,
+    pub directory: Arc<crate::directory::Directory>,
     pub on_db_error: OnDbError,
+    pub cors: cors::CorsPolicy,
 }
 
 /// Who a request was for, for the access log.
@@ -44,20 +51,113 @@ struct LogIdentity {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/.idsync/auth", any(forward_auth))
+        .route("/.idsync/me", get(me))
+        .route("/.idsync/tenant", get(tenant))
         .fallback(reverse_proxy)
+        .layer(middleware::from_fn_with_state(state.clone(), cors::layer))
         .layer(middleware::from_fn(access_log))
         .with_state(state)
 }
 
-/// Runs the shared pipeline: take the tenant request aside, strip, skip-auth or authenticate, resolve
-/// the tenant. Returns what to tell the upstream (`None` for a public path).
+/// `GET /.idsync/me`: the caller's synced profile, the active tenant and every tenant they may switch to.
+async fn me(State(state): State<Arc<AppState>>, mut req: Request) -> Response {
+    let passed = match pipeline(&state, req.headers_mut(), None).await {
+        Ok(Some(p)) => p,
+        Ok(None) => return ApiError::InvalidToken("missing bearer token".into()).into_response(),
+        Err(e) => return e.into_response(),
+    };
+    let result = async {
+        let identity = &passed.authenticated.identity;
+        let user = match &passed.forwarded.user_id {
+            Some(id) => Some(state.directory.get_user(id).await?.user),
+            None => None,
+        };
+        let active = active_tenant(&state, &passed).await?;
+        let mut tenants: Vec<serde_json::Value> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        if let Some(uid) = &passed.forwarded.user_id {
+            for (org, m) in state.directory.active_organizations_of(uid).await? {
+                seen.insert(org.id.clone());
+                tenants.push(json!({"id": org.id, "name": org.name, "slug": org.slug, "role": m.role, "source": "membership"}));
+            }
+        }
+        for t in &identity.tenants {
+            if seen.insert(t.to_string()) {
+                tenants.push(json!({"id": t, "name": identity.tenant_name(t.as_str()), "slug": null, "role": null, "source": "token"}));
+            }
+        }
+        Ok::<_, ApiError>(json!({
+            "user": user,
+            "issuer": identity.issuer,
+            "idp_roles": identity.roles,
+            "tenant": active,
+            "tenants": tenants,
+            "synced": passed.synced.is_some(),
+        }))
+    }
+    .await;
+    match result {
+        Ok(body) => (
+            StatusCode::OK,
+            [(http::header::CACHE_CONTROL, "no-store")],
+            Json(body),
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `GET /.idsync/tenant`: the active tenant alone.
+async fn tenant(State(state): State<Arc<AppState>>, mut req: Request) -> Response {
+    let passed = match pipeline(&state, req.headers_mut(), None).await {
+        Ok(Some(p)) => p,
+        Ok(None) => return ApiError::InvalidToken("missing bearer token".into()).into_response(),
+        Err(e) => return e.into_response(),
+    };
+    match active_tenant(&state, &passed).await {
+        Ok(Some(t)) => (StatusCode::OK, [(http::header::CACHE_CONTROL, "no-store")], Json(json!({
+            "tenant_id": t["id"], "name": t["name"], "slug": t["slug"], "is_active": t["is_active"], "role": t["role"],
+        }))).into_response(),
+        Ok(None) => ApiError::NotFound("the request has no active tenant".into()).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn active_tenant(
+    state: &AppState,
+    passed: &Passed,
+) -> Result<Option<serde_json::Value>, ApiError> {
+    let Some(id) = &passed.forwarded.tenant_id else {
+        return Ok(None);
+    };
+    if passed.synced.is_none() {
+        return Ok(Some(
+            json!({"id": id, "name": null, "slug": null, "is_active": null, "role": null}),
+        ));
+    }
+    let org = state.directory.get_organization(id).await?.organization;
+    Ok(Some(json!({
+        "id": org.id, "name": org.name, "slug": org.slug, "is_active": org.is_active, "role": passed.forwarded.role,
+    })))
+}
+
+/// What the pipeline established about a request.
+pub struct Passed {
+    pub forwarded: Forwarded,
+    pub authenticated: Arc<auth::Authenticated>,
+    /// `None` when sync was skipped under `--on-db-error pass`.
+    pub synced: Option<Arc<crate::provision::Provisioned>>,
+}
+
+/// Runs the shared pipeline: take the tenant request aside, strip, skip-auth (when `path` is given) or
+/// authenticate and sync. Returns `None` for a public path.
 async fn pipeline(
     state: &AppState,
     headers: &mut HeaderMap,
-    path: &str,
-) -> Result<Option<Forwarded>, ApiError> {
+    path: Option<&str>,
+) -> Result<Option<Passed>, ApiError> {
     let asks: ClientAsks = auth::take_and_strip(headers, &state.names)?;
-    if is_public(&state.skip_auth, path) {
+    if path.is_some_and(|p| is_public(&state.skip_auth, p)) {
         return Ok(None);
     }
     let token = auth::bearer_token(headers)?;
@@ -68,13 +168,21 @@ async fn pipeline(
         .sync(identity, asks.tenant.as_deref())
         .await
     {
-        Ok(synced) => Ok(Some(auth::forwarded_from_sync(identity, &synced))),
+        Ok(synced) => Ok(Some(Passed {
+            forwarded: auth::forwarded_from_sync(identity, &synced),
+            authenticated: authenticated.clone(),
+            synced: Some(synced),
+        })),
         Err(ProvisionError::Database(e)) if state.on_db_error == OnDbError::Pass => {
             tracing::warn!(error = %e, "database unavailable; forwarding the unsynced identity (--on-db-error pass)");
             let tenant = auth::resolve_tenant(identity, &asks)?;
             let mut forwarded = auth::forwarded_from_identity(identity, tenant);
             forwarded.synced = Some(false);
-            Ok(Some(forwarded))
+            Ok(Some(Passed {
+                forwarded,
+                authenticated: authenticated.clone(),
+                synced: None,
+            }))
         }
         Err(e) => Err(e.into()),
     }
@@ -86,8 +194,8 @@ async fn reverse_proxy(
     mut req: Request,
 ) -> Response {
     let path = req.uri().path().to_owned();
-    let forwarded = match pipeline(&state, req.headers_mut(), &path).await {
-        Ok(f) => f,
+    let forwarded = match pipeline(&state, req.headers_mut(), Some(&path)).await {
+        Ok(passed) => passed.map(|p| p.forwarded),
         Err(e) => return e.into_response(),
     };
     if let Some(f) = &forwarded {
@@ -114,11 +222,11 @@ async fn forward_auth(State(state): State<Arc<AppState>>, mut req: Request) -> R
         .find_map(|h| req.headers().get(*h).and_then(|v| v.to_str().ok()))
         .map(|uri| uri.split('?').next().unwrap_or("/").to_owned())
         .unwrap_or_else(|| "/".to_owned());
-    match pipeline(&state, req.headers_mut(), &original).await {
+    match pipeline(&state, req.headers_mut(), Some(&original)).await {
         Err(e) => e.into_response(),
-        Ok(forwarded) => {
+        Ok(passed) => {
             let mut response = (StatusCode::OK, Body::empty()).into_response();
-            if let Some(f) = forwarded {
+            if let Some(f) = passed.map(|p| p.forwarded) {
                 headers::inject(response.headers_mut(), &state.names, &f);
                 response.extensions_mut().insert(LogIdentity {
                     user_id: f.user_id,

@@ -83,6 +83,11 @@ impl RoleMap {
         &self.app_roles[best]
     }
 
+    /// The app roles, strongest first.
+    pub fn app_roles(&self) -> &[String] {
+        &self.app_roles
+    }
+
     /// The strongest app role, given to the owner of a personal organization.
     pub fn strongest(&self) -> &str {
         &self.app_roles[0]

@@ -7,6 +7,7 @@ mod last_seen;
 pub mod naming;
 pub mod store;
 
+use crate::directory::Affected;
 use crate::identity::{Identity, RoleMap};
 use chrono::{DateTime, SubsecRound, Utc};
 use entity::memberships;
@@ -113,8 +114,8 @@ pub struct Provisioner {
     db: DatabaseConnection,
     opts: SyncOptions,
     synced: Cache<Key, Arc<Cached>>,
-    /// Positive answers to "does this user have an active membership in that tenant?".
-    members: Cache<Key, ()>,
+    /// Positive answers to "does this user have an active membership in that tenant?" (value: user, tenant).
+    members: Cache<Key, (String, String)>,
     last_seen: LastSeen,
 }
 
@@ -315,9 +316,25 @@ impl Provisioner {
             .await?
             .is_some_and(|m| m.is_active);
         if found {
-            self.members.insert(k, ()).await;
+            self.members
+                .insert(k, (user.to_owned(), tenant.to_owned()))
+                .await;
         }
         Ok(found)
+    }
+
+    /// Forgets what was synced for an affected user, organization or membership, so the next request
+    /// reads the database again (and meets, say, a deactivation at once).
+    pub fn invalidate(&self, affected: &Affected) {
+        let a = affected.clone();
+        let _ = self.synced.invalidate_entries_if(move |_, v| {
+            let p = &v.provisioned;
+            invalidates(&a, p.user_id.as_deref(), p.tenant_id.as_deref())
+        });
+        let a = affected.clone();
+        let _ = self
+            .members
+            .invalidate_entries_if(move |_, (u, t)| invalidates(&a, Some(u), Some(t)));
     }
 
     /// Writes pending last-login times (called periodically and at shutdown).
@@ -333,6 +350,14 @@ impl Provisioner {
                 tracing::warn!(error = %e, "could not write last-login times; will retry");
             }
         }
+    }
+}
+
+fn invalidates(affected: &Affected, user: Option<&str>, tenant: Option<&str>) -> bool {
+    match affected {
+        Affected::User(u) => user == Some(u.as_str()),
+        Affected::Organization(o) => tenant == Some(o.as_str()),
+        Affected::Membership(u, o) => user == Some(u.as_str()) && tenant == Some(o.as_str()),
     }
 }
 

@@ -7,6 +7,7 @@ mod helpers;
 
 mod forward_auth;
 mod keys;
+mod operator;
 mod proxy;
 mod startup;
 mod streaming;
