@@ -33,6 +33,33 @@ pub enum Command {
     /// Examples: `idsync migrate up` (apply all pending), `idsync migrate down` (revert the last one),
     /// `idsync migrate status`.
     Migrate(MigrateArgs),
+    /// Check the configuration, every issuer's keys, the database and the upstream; exit 0 only if all is well.
+    ///
+    /// Takes the same flags and environment as `serve`. Example: `idsync check --upstream http://127.0.0.1:3000 --issuer https://sso.example.com/realms/acme`
+    Check(Box<ServeArgs>),
+    /// Work with tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Organizations, straight on the database.
+    Orgs(crate::cli::OrgsCommand),
+    /// Users, straight on the database.
+    Users(crate::cli::UsersCommand),
+    /// Memberships, straight on the database.
+    Memberships(crate::cli::MembershipsCommand),
+    /// Exit 0 when the local idsync is ready (for exec probes in images without a shell).
+    Healthcheck(crate::cli::HealthcheckArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Decode a token, verify it, and explain what idsync would do with it (never prints the signature).
+    ///
+    /// Takes the same flags and environment as `serve`. Examples:
+    /// `idsync token inspect eyJ…`, `pbpaste | idsync token inspect - --output json`,
+    /// `idsync token inspect --jwks-file saved-jwks.json eyJ…` (no network at all).
+    Inspect(Box<crate::cli::InspectArgs>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

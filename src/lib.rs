@@ -3,6 +3,7 @@
 //! `startup` is the one composition root. See docs/architecture.md.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod config;
 pub mod devkit;
 pub mod directory;

@@ -1,7 +1,8 @@
 //! The `idsync` binary: parse config, set up telemetry, build the application, serve until SIGTERM.
 
 use clap::Parser;
-use idsync::config::{Cli, Command, MigrateAction, MigrateArgs};
+use idsync::cli;
+use idsync::config::{Cli, Command, TokenCommand};
 use idsync::startup::{Application, shutdown_signal};
 use std::process::ExitCode;
 
@@ -10,7 +11,21 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(args)) => *args,
-        Some(Command::Migrate(args)) => return migrate(args).await,
+        Some(Command::Migrate(args)) => return cli::migrate(args).await,
+        Some(Command::Check(args)) => {
+            idsync::telemetry::init(idsync::config::LogFormat::Text, "error");
+            return cli::check(&args).await;
+        }
+        Some(Command::Token {
+            command: TokenCommand::Inspect(args),
+        }) => {
+            idsync::telemetry::init(idsync::config::LogFormat::Text, "error");
+            return cli::inspect(*args).await;
+        }
+        Some(Command::Orgs(cmd)) => return cli::run_orgs(cmd).await,
+        Some(Command::Users(cmd)) => return cli::run_users(cmd).await,
+        Some(Command::Memberships(cmd)) => return cli::run_memberships(cmd).await,
+        Some(Command::Healthcheck(args)) => return cli::healthcheck(args).await,
         None => cli.serve,
     };
     let settings = match args.validate() {
@@ -47,46 +62,6 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "idsync stopped with an error");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn migrate(args: MigrateArgs) -> ExitCode {
-    use migration::{Migrator, MigratorTrait};
-    idsync::telemetry::init(idsync::config::LogFormat::Text, "warn");
-    let url = idsync::config::DatabaseUrl::new(args.database_url);
-    let db = match sea_orm::Database::connect(url.expose()).await {
-        Ok(db) => db,
-        Err(e) => {
-            eprintln!("idsync migrate: cannot connect to {url}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = match args.action {
-        MigrateAction::Up => Migrator::up(&db, None)
-            .await
-            .map(|()| println!("migrations applied")),
-        MigrateAction::Down => Migrator::down(&db, Some(1))
-            .await
-            .map(|()| println!("last migration reverted")),
-        MigrateAction::Status => {
-            async {
-                for m in Migrator::get_applied_migrations(&db).await? {
-                    println!("applied  {}", m.name());
-                }
-                for m in Migrator::get_pending_migrations(&db).await? {
-                    println!("pending  {}", m.name());
-                }
-                Ok(())
-            }
-            .await
-        }
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("idsync migrate: {e}");
             ExitCode::FAILURE
         }
     }

@@ -196,6 +196,21 @@ impl IssuerKeys {
         }
     }
 
+    /// Loads keys once, now (for `idsync check` and `token inspect`); returns why it failed.
+    pub async fn load_now(&self) -> Result<Arc<KeySet>, String> {
+        let mut state = self.refresh.lock().await;
+        if self.load(&mut state, Trigger::Startup).await {
+            self.usable()
+        } else {
+            Err(self.last_error().unwrap_or_else(|| "unknown error".into()))
+        }
+    }
+
+    /// The `jwks_uri` discovery found, if discovery ran.
+    pub async fn discovered_jwks_uri(&self) -> Option<Url> {
+        self.refresh.lock().await.jwks_uri.clone()
+    }
+
     /// The background task: load with backoff until the first success, then refresh on schedule
     /// (retrying sooner while the source fails). Runs until aborted.
     pub async fn run(self: Arc<Self>) {

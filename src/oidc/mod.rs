@@ -106,7 +106,7 @@ impl Verifier {
             .map_err(|e| VerifyError::Malformed(format!("payload is not a JSON object: {e}")))?;
         let iss = routing
             .iss
-            .ok_or(VerifyError::InvalidClaim("iss", "is missing".into()))?;
+            .ok_or_else(|| VerifyError::Malformed("token has no `iss` claim".into()))?;
         let index = self
             .issuers
             .iter()
@@ -242,6 +242,39 @@ fn numeric_date(
             Ok(Some(v.floor() as i64))
         }
         Some(_) => Err(VerifyError::InvalidClaim(name, "is not a number".into())),
+    }
+}
+
+/// Decodes a token's header and payload without verifying anything, for explaining a token to a human
+/// (`idsync token inspect`). The signature is never returned.
+pub fn decode_unverified(token: &str) -> Result<(Value, Map<String, Value>), String> {
+    use base64::Engine as _;
+    let mut parts = token.trim().split('.');
+    let (Some(h), Some(p)) = (parts.next(), parts.next()) else {
+        return Err("not a JWT: expected header.payload.signature".into());
+    };
+    let b64 = |s: &str, what: &str| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(s)
+            .map_err(|_| format!("the {what} is not base64url"))
+    };
+    let header: Value = serde_json::from_slice(&b64(h, "header")?)
+        .map_err(|e| format!("the header is not JSON: {e}"))?;
+    let payload = parse_claims(&b64(p, "payload")?).map_err(|e| e.to_string())?;
+    Ok((header, payload))
+}
+
+impl VerifyError {
+    /// Whether the signature was checked and held (so only a claim check failed).
+    pub fn signature_was_valid(&self) -> bool {
+        matches!(
+            self,
+            Self::Expired
+                | Self::NotYetValid
+                | Self::IssuedInFuture
+                | Self::Audience
+                | Self::InvalidClaim(..)
+        )
     }
 }
 

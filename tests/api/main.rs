@@ -3,8 +3,10 @@
 
 #[macro_use]
 mod db;
+
 mod helpers;
 
+mod cli;
 mod forward_auth;
 mod keys;
 mod operator;

@@ -1,0 +1,246 @@
+//! `idsync orgs|users|memberships …`: the admin operations straight on the database, printing JSON.
+//! Running sidecars notice these changes within `--sync-cache-ttl`; use the admin API for immediate effect.
+
+use crate::config::DatabaseUrl;
+use crate::directory::{Directory, UserFilter};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use std::process::ExitCode;
+
+#[derive(Debug, Clone, Args)]
+pub struct DbArgs {
+    /// Database: sqlite://PATH?mode=rwc or postgres://USER:PASS@HOST/DB.
+    #[arg(
+        long,
+        env = "IDSYNC_DATABASE_URL",
+        default_value = "sqlite://idsync.db?mode=rwc",
+        hide_env_values = true,
+        global = true
+    )]
+    pub database_url: String,
+    /// Who is making the change, for the audit trail (default: cli:$USER).
+    #[arg(long, global = true)]
+    pub actor: Option<String>,
+    /// The --tenant-schema template, so `orgs delete --force` drops the tenant's schema too.
+    #[arg(long, env = "IDSYNC_TENANT_SCHEMA", global = true)]
+    pub tenant_schema: Option<String>,
+}
+
+/// Organizations. Examples: `idsync orgs list`, `idsync orgs create acme "Acme Corp" --issuer https://…`,
+/// `idsync orgs deactivate acme`, `idsync orgs delete acme --force`.
+#[derive(Debug, Clone, Args)]
+pub struct OrgsCommand {
+    #[command(subcommand)]
+    pub action: OrgsAction,
+    #[command(flatten)]
+    pub db: DbArgs,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum OrgsAction {
+    List {
+        #[arg(long)]
+        limit: Option<u64>,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    Get {
+        id: String,
+    },
+    Create {
+        id: String,
+        name: String,
+        #[arg(long)]
+        slug: Option<String>,
+        /// The issuer whose tenant id this is.
+        #[arg(long)]
+        issuer: String,
+    },
+    Rename {
+        id: String,
+        name: String,
+    },
+    Deactivate {
+        id: String,
+    },
+    Reactivate {
+        id: String,
+    },
+    /// Refused while the organization has members, unless --force (which removes them).
+    Delete {
+        id: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Users. Examples: `idsync users list --email a@example.com`, `idsync users deactivate <sub>`.
+#[derive(Debug, Clone, Args)]
+pub struct UsersCommand {
+    #[command(subcommand)]
+    pub action: UsersAction,
+    #[command(flatten)]
+    pub db: DbArgs,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum UsersAction {
+    List {
+        #[arg(long)]
+        email: Option<String>,
+        #[arg(long)]
+        organization: Option<String>,
+        #[arg(long)]
+        limit: Option<u64>,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    Get {
+        id: String,
+    },
+    Deactivate {
+        id: String,
+    },
+    Reactivate {
+        id: String,
+    },
+}
+
+/// Memberships. Examples: `idsync memberships add <sub> acme member`, `idsync memberships set-role <sub> acme admin`.
+#[derive(Debug, Clone, Args)]
+pub struct MembershipsCommand {
+    #[command(subcommand)]
+    pub action: MembershipsAction,
+    #[command(flatten)]
+    pub db: DbArgs,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum MembershipsAction {
+    Add {
+        user: String,
+        organization: String,
+        role: String,
+    },
+    SetRole {
+        user: String,
+        organization: String,
+        role: String,
+    },
+    Deactivate {
+        user: String,
+        organization: String,
+    },
+    Reactivate {
+        user: String,
+        organization: String,
+    },
+    Remove {
+        user: String,
+        organization: String,
+    },
+}
+
+async fn directory(db: &DbArgs) -> Result<(Directory, String), ExitCode> {
+    let url = DatabaseUrl::new(db.database_url.clone());
+    let conn = sea_orm::Database::connect(url.expose())
+        .await
+        .map_err(|e| {
+            eprintln!("idsync: cannot connect to {url}: {e}");
+            ExitCode::FAILURE
+        })?;
+    let actor = db.actor.clone().unwrap_or_else(|| {
+        format!(
+            "cli:{}",
+            std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+        )
+    });
+    Ok((Directory::new(conn, db.tenant_schema.clone()), actor))
+}
+
+fn print<T: Serialize>(r: crate::directory::Result<T>) -> ExitCode {
+    match r {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("idsync: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub async fn run_orgs(cmd: OrgsCommand) -> ExitCode {
+    let (d, actor) = match directory(&cmd.db).await {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    match cmd.action {
+        OrgsAction::List { limit, cursor } => {
+            print(d.list_organizations(limit, cursor.as_deref()).await)
+        }
+        OrgsAction::Get { id } => print(d.get_organization(&id).await),
+        OrgsAction::Create {
+            id,
+            name,
+            slug,
+            issuer,
+        } => print(
+            d.create_organization(&actor, &id, &name, slug.as_deref(), &issuer)
+                .await,
+        ),
+        OrgsAction::Rename { id, name } => print(d.rename_organization(&actor, &id, &name).await),
+        OrgsAction::Deactivate { id } => print(d.set_organization_active(&actor, &id, false).await),
+        OrgsAction::Reactivate { id } => print(d.set_organization_active(&actor, &id, true).await),
+        OrgsAction::Delete { id, force } => print(
+            d.delete_organization(&actor, &id, force)
+                .await
+                .map(|()| serde_json::json!({"deleted": id})),
+        ),
+    }
+}
+
+pub async fn run_users(cmd: UsersCommand) -> ExitCode {
+    let (d, actor) = match directory(&cmd.db).await {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    match cmd.action {
+        UsersAction::List {
+            email,
+            organization,
+            limit,
+            cursor,
+        } => print(
+            d.list_users(
+                &UserFilter {
+                    email,
+                    organization,
+                },
+                limit,
+                cursor.as_deref(),
+            )
+            .await,
+        ),
+        UsersAction::Get { id } => print(d.get_user(&id).await),
+        UsersAction::Deactivate { id } => print(d.set_user_active(&actor, &id, false).await),
+        UsersAction::Reactivate { id } => print(d.set_user_active(&actor, &id, true).await),
+    }
+}
+
+pub async fn run_memberships(cmd: MembershipsCommand) -> ExitCode {
+    let (d, actor) = match directory(&cmd.db).await {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    match cmd.action {
+        MembershipsAction::Add { user, organization, role } => print(d.add_membership(&actor, &user, &organization, &role).await),
+        MembershipsAction::SetRole { user, organization, role } => print(d.set_membership_role(&actor, &user, &organization, &role).await),
+        MembershipsAction::Deactivate { user, organization } => print(d.set_membership_active(&actor, &user, &organization, false).await),
+        MembershipsAction::Reactivate { user, organization } => print(d.set_membership_active(&actor, &user, &organization, true).await),
+        MembershipsAction::Remove { user, organization } => {
+            print(d.remove_membership(&actor, &user, &organization).await.map(|()| serde_json::json!({"removed": {"user_id": user, "organization_id": organization}})))
+        }
+    }
+}
