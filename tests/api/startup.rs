@@ -167,3 +167,45 @@ fn migrate_subcommand_applies_and_reports_migrations() {
     run("down");
     assert!(run("status").contains("pending  m20261122_000001_identity_tables"));
 }
+
+/// docs/configuration.md is the `--help` text of every command; this fails when they drift.
+/// `IDSYNC_BLESS=1 cargo nextest run configuration_reference` rewrites it.
+#[test]
+fn configuration_reference_matches_the_help_text() {
+    let commands: &[&[&str]] = &[
+        &["--help"],
+        &["check", "--help"],
+        &["token", "inspect", "--help"],
+        &["migrate", "--help"],
+        &["orgs", "--help"],
+        &["users", "--help"],
+        &["memberships", "--help"],
+        &["healthcheck", "--help"],
+    ];
+    let mut doc = String::from(
+        "# Configuration reference\n\nGenerated from `idsync --help` (a test keeps it in step: `IDSYNC_BLESS=1 cargo nextest run configuration_reference` regenerates it). Every flag can also be set through the `IDSYNC_*` variable shown with it.\n",
+    );
+    for args in commands {
+        let out = Command::new(env!("CARGO_BIN_EXE_idsync"))
+            .env_clear()
+            .env("COLUMNS", "100")
+            .args(*args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}");
+        doc.push_str(&format!(
+            "\n## `idsync {}`\n\n```text\n{}```\n",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        ));
+    }
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/configuration.md");
+    if std::env::var_os("IDSYNC_BLESS").is_some() {
+        std::fs::write(path, &doc).unwrap();
+    }
+    let current = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        current == doc,
+        "docs/configuration.md is out of date with --help; run: IDSYNC_BLESS=1 cargo nextest run configuration_reference"
+    );
+}
