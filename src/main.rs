@@ -28,19 +28,9 @@ async fn main() -> ExitCode {
         Some(Command::Healthcheck(args)) => return cli::healthcheck(args).await,
         None => cli.serve,
     };
-    let settings = match args.validate() {
+    let settings = match cli::settings_or_exit(&args) {
         Ok(s) => s,
-        Err(problems) => {
-            eprintln!(
-                "idsync: the configuration has {} problem(s):",
-                problems.len()
-            );
-            for p in &problems {
-                eprintln!("  - {p}");
-            }
-            eprintln!("Run `idsync --help` for the flag reference.");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     idsync::telemetry::init(settings.log_format, &settings.log_level);
     let app = match Application::build(&settings).await {
