@@ -22,7 +22,15 @@ struct Opts {
 }
 
 fn opts() -> Opts {
-    let mut o = Opts { duration: 10, connections: 64, threads: 2, users: 1000, tenants: 50, cold_tokens: 40_000, postgres: std::env::var("IDSYNC_BENCH_POSTGRES_URL").ok() };
+    let mut o = Opts {
+        duration: 10,
+        connections: 64,
+        threads: 2,
+        users: 1000,
+        tenants: 50,
+        cold_tokens: 40_000,
+        postgres: std::env::var("IDSYNC_BENCH_POSTGRES_URL").ok(),
+    };
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i < args.len() {
@@ -78,7 +86,11 @@ end
 "#;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn target_dir() -> PathBuf {
@@ -88,12 +100,25 @@ fn target_dir() -> PathBuf {
 /// CPU seconds (user + system) and peak RSS (KiB) of a process, from /proc.
 fn usage(pid: u32) -> (f64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // Fields after the command name start at index 3 (state); utime and stime are the 14th and 15th.
     let cpu = (ticks(11) + ticks(12)) / 100.0;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm = status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     (cpu, hwm)
 }
 
@@ -109,7 +134,12 @@ impl Drop for Proc {
 async fn wait_http(url: &str) {
     let http = reqwest::Client::new();
     for _ in 0..200 {
-        if http.get(url).send().await.is_ok_and(|r| r.status().is_success()) {
+        if http
+            .get(url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -121,8 +151,22 @@ fn spawn_idsync(upstream: &str, issuer: &str, db: &str, extra: &[&str]) -> (Proc
     let (port, admin) = (free_port(), free_port());
     let child = Command::new(target_dir().join("idsync"))
         .env_clear()
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--admin-listen", &format!("127.0.0.1:{admin}")])
-        .args(["--upstream", upstream, "--issuer", issuer, "--database-url", db, "--log-level", "warn"])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+        ])
+        .args([
+            "--upstream",
+            upstream,
+            "--issuer",
+            issuer,
+            "--database-url",
+            db,
+            "--log-level",
+            "warn",
+        ])
         .args(extra)
         .stdout(Stdio::null())
         .spawn()
@@ -143,18 +187,43 @@ struct Run {
     rss_mib: Option<f64>,
 }
 
-fn wrk(name: &str, url: &str, tokens: Option<&Path>, o: &Opts, pid: Option<u32>, script: &Path) -> Run {
+fn wrk(
+    name: &str,
+    url: &str,
+    tokens: Option<&Path>,
+    o: &Opts,
+    pid: Option<u32>,
+    script: &Path,
+) -> Run {
     let before = pid.map(usage);
     let out = Command::new("wrk")
-        .args(["-t", &o.threads.to_string(), "-c", &o.connections.to_string(), "-d", &format!("{}s", o.duration), "--timeout", "5s", "-s"])
+        .args([
+            "-t",
+            &o.threads.to_string(),
+            "-c",
+            &o.connections.to_string(),
+            "-d",
+            &format!("{}s", o.duration),
+            "--timeout",
+            "5s",
+            "-s",
+        ])
         .arg(script)
         .arg(url)
-        .env("TOKENS", tokens.map(|p| p.to_string_lossy().into_owned()).unwrap_or_default())
+        .env(
+            "TOKENS",
+            tokens
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        )
         .env("WRK_THREADS", o.threads.to_string())
         .output()
         .expect("wrk is installed by bench/load.sh");
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find_map(|l| l.strip_prefix("RESULT ")).unwrap_or_else(|| panic!("wrk said: {text}"));
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .unwrap_or_else(|| panic!("wrk said: {text}"));
     let r: Value = serde_json::from_str(line).unwrap();
     let after = pid.map(usage);
     let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
@@ -185,7 +254,13 @@ async fn prime(url: &str, tokens: &[String]) {
         let mut set = tokio::task::JoinSet::new();
         for t in chunk {
             let (http, url, t) = (http.clone(), url.to_owned(), t.clone());
-            set.spawn(async move { http.get(url).bearer_auth(t).send().await.map(|r| r.status().as_u16()) });
+            set.spawn(async move {
+                http.get(url)
+                    .bearer_auth(t)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            });
         }
         while let Some(r) = set.join_next().await {
             assert_eq!(r.unwrap().unwrap(), 200, "priming failed");
@@ -197,7 +272,9 @@ async fn fresh_postgres(admin_url: &str) -> String {
     use sea_orm::ConnectionTrait;
     let name = format!("idsync_bench_{}", uuid::Uuid::new_v4().simple());
     let conn = sea_orm::Database::connect(admin_url).await.unwrap();
-    conn.execute_unprepared(&format!("CREATE DATABASE {name}")).await.unwrap();
+    conn.execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
     let mut u = url::Url::parse(admin_url).unwrap();
     u.set_path(&format!("/{name}"));
     u.to_string()
@@ -213,14 +290,21 @@ async fn main() {
     // A fast upstream: 200 with a small body.
     let up_port = free_port();
     let upstream_url = format!("http://127.0.0.1:{up_port}");
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", up_port)).await.unwrap();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", up_port))
+        .await
+        .unwrap();
     tokio::spawn(async move {
         let app = axum::Router::new().fallback(|| async { "ok" });
         axum::serve(listener, app).await.unwrap();
     });
 
-    let issuer = LocalIssuer::start("/realms/bench", SigningAlg::RS256).await.unwrap();
-    let rs_kid = issuer.jwks_document()["keys"][0]["kid"].as_str().unwrap().to_owned();
+    let issuer = LocalIssuer::start("/realms/bench", SigningAlg::RS256)
+        .await
+        .unwrap();
+    let rs_kid = issuer.jwks_document()["keys"][0]["kid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     issuer.add_key(SigningAlg::ES256); // cheap to mint: used for the many warm and cold tokens
     let claims = |sub: String, tenant: usize| {
         let mut c = issuer.claims_for(&sub);
@@ -230,27 +314,60 @@ async fn main() {
         c["realm_access"] = json!({"roles": ["member"]});
         c
     };
-    let warm: Vec<String> = (0..o.users).map(|u| issuer.mint(claims(format!("user-{u}"), u % o.tenants))).collect();
-    let uncached: Vec<String> = (0..o.users).map(|u| issuer.mint_with_kid(&rs_kid, claims(format!("user-{u}"), u % o.tenants))).collect();
+    let warm: Vec<String> = (0..o.users)
+        .map(|u| issuer.mint(claims(format!("user-{u}"), u % o.tenants)))
+        .collect();
+    let uncached: Vec<String> = (0..o.users)
+        .map(|u| issuer.mint_with_kid(&rs_kid, claims(format!("user-{u}"), u % o.tenants)))
+        .collect();
     println!("minting {} cold tokens...", o.cold_tokens);
-    let cold: Vec<String> = (0..o.cold_tokens).map(|u| issuer.mint(claims(format!("cold-{u}"), u % o.tenants))).collect();
-    let (warm_file, uncached_file, cold_file) = (dir.path().join("warm"), dir.path().join("uncached"), dir.path().join("cold"));
+    let cold: Vec<String> = (0..o.cold_tokens)
+        .map(|u| issuer.mint(claims(format!("cold-{u}"), u % o.tenants)))
+        .collect();
+    let (warm_file, uncached_file, cold_file) = (
+        dir.path().join("warm"),
+        dir.path().join("uncached"),
+        dir.path().join("cold"),
+    );
     write_lines(&warm_file, &warm);
     write_lines(&uncached_file, &uncached);
     write_lines(&cold_file, &cold);
 
     let mut runs: Vec<Run> = Vec::new();
     println!("1. direct");
-    runs.push(wrk("1 direct to upstream", &upstream_url, None, &o, None, &script));
+    runs.push(wrk(
+        "1 direct to upstream",
+        &upstream_url,
+        None,
+        &o,
+        None,
+        &script,
+    ));
 
     println!("2. pass-through baseline");
     let pt_port = free_port();
-    let pt = Proc(Command::new(target_dir().join("examples/passthrough")).args([format!("127.0.0.1:{pt_port}"), upstream_url.clone()]).stdout(Stdio::null()).spawn().expect("run bench/load.sh, which builds the passthrough example"));
+    let pt = Proc(
+        Command::new(target_dir().join("examples/passthrough"))
+            .args([format!("127.0.0.1:{pt_port}"), upstream_url.clone()])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("run bench/load.sh, which builds the passthrough example"),
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    runs.push(wrk("2 pass-through baseline", &format!("http://127.0.0.1:{pt_port}"), None, &o, Some(pt.0.id()), &script));
+    runs.push(wrk(
+        "2 pass-through baseline",
+        &format!("http://127.0.0.1:{pt_port}"),
+        None,
+        &o,
+        Some(pt.0.id()),
+        &script,
+    ));
     drop(pt);
 
-    let mut databases = vec![("SQLite", format!("sqlite://{}/bench.db?mode=rwc", dir.path().display()))];
+    let mut databases = vec![(
+        "SQLite",
+        format!("sqlite://{}/bench.db?mode=rwc", dir.path().display()),
+    )];
     if let Some(pg) = &o.postgres {
         databases.push(("PostgreSQL", fresh_postgres(pg).await));
     }
@@ -260,42 +377,105 @@ async fn main() {
         let (proxy, admin) = addrs.split_once('|').unwrap();
         wait_http(&format!("http://{admin}/readyz")).await;
         prime(&format!("http://{proxy}/"), &warm).await;
-        runs.push(wrk(&format!("3 idsync warm ({label})"), &format!("http://{proxy}"), Some(&warm_file), &o, Some(p.0.id()), &script));
+        runs.push(wrk(
+            &format!("3 idsync warm ({label})"),
+            &format!("http://{proxy}"),
+            Some(&warm_file),
+            &o,
+            Some(p.0.id()),
+            &script,
+        ));
     }
 
     println!("4. idsync, token cache disabled (RS256 verify per request)");
     {
-        let db = format!("sqlite://{}/bench-nocache.db?mode=rwc", dir.path().display());
-        let (p, addrs) = spawn_idsync(&upstream_url, issuer.issuer(), &db, &["--token-cache-size", "0"]);
+        let db = format!(
+            "sqlite://{}/bench-nocache.db?mode=rwc",
+            dir.path().display()
+        );
+        let (p, addrs) = spawn_idsync(
+            &upstream_url,
+            issuer.issuer(),
+            &db,
+            &["--token-cache-size", "0"],
+        );
         let (proxy, admin) = addrs.split_once('|').unwrap();
         wait_http(&format!("http://{admin}/readyz")).await;
         prime(&format!("http://{proxy}/"), &uncached).await;
-        runs.push(wrk("4 idsync no token cache (SQLite)", &format!("http://{proxy}"), Some(&uncached_file), &o, Some(p.0.id()), &script));
+        runs.push(wrk(
+            "4 idsync no token cache (SQLite)",
+            &format!("http://{proxy}"),
+            Some(&uncached_file),
+            &o,
+            Some(p.0.id()),
+            &script,
+        ));
     }
 
     for (label, _) in &databases {
         println!("5. idsync cold path on {label}");
-        let db = if *label == "SQLite" { format!("sqlite://{}/bench-cold.db?mode=rwc", dir.path().display()) } else { fresh_postgres(o.postgres.as_ref().unwrap()).await };
+        let db = if *label == "SQLite" {
+            format!("sqlite://{}/bench-cold.db?mode=rwc", dir.path().display())
+        } else {
+            fresh_postgres(o.postgres.as_ref().unwrap()).await
+        };
         let (p, addrs) = spawn_idsync(&upstream_url, issuer.issuer(), &db, &[]);
         let (proxy, admin) = addrs.split_once('|').unwrap();
         wait_http(&format!("http://{admin}/readyz")).await;
-        let run = wrk(&format!("5 idsync cold, new identities ({label})"), &format!("http://{proxy}"), Some(&cold_file), &o, Some(p.0.id()), &script);
+        let run = wrk(
+            &format!("5 idsync cold, new identities ({label})"),
+            &format!("http://{proxy}"),
+            Some(&cold_file),
+            &o,
+            Some(p.0.id()),
+            &script,
+        );
         if run.rps * o.duration as f64 > o.cold_tokens as f64 {
-            println!("   note: more requests than cold tokens; the tail of this run reused identities");
+            println!(
+                "   note: more requests than cold tokens; the tail of this run reused identities"
+            );
         }
         runs.push(run);
     }
 
     println!();
-    println!("machine: {} cores, {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().lines().find(|l| l.starts_with("model name")).unwrap_or("").trim_start_matches("model name\t: "));
-    println!("wrk -t{} -c{} -d{}s per scenario; {} users across {} tenants; latencies in microseconds", o.threads, o.connections, o.duration, o.users, o.tenants);
+    println!(
+        "machine: {} cores, {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .unwrap_or("")
+            .trim_start_matches("model name\t: ")
+    );
+    println!(
+        "wrk -t{} -c{} -d{}s per scenario; {} users across {} tenants; latencies in microseconds",
+        o.threads, o.connections, o.duration, o.users, o.tenants
+    );
     println!();
-    let baseline = runs.iter().find(|r| r.name.starts_with('2')).map(|r| r.rps).unwrap_or(1.0);
-    println!("{:<42} {:>10} {:>7} {:>8} {:>8} {:>8} {:>9} {:>7} {:>8} {:>8}", "scenario", "req/s", "x base", "p50", "p90", "p99", "max", "errors", "cpu s", "RSS MiB");
+    let baseline = runs
+        .iter()
+        .find(|r| r.name.starts_with('2'))
+        .map(|r| r.rps)
+        .unwrap_or(1.0);
+    println!(
+        "{:<42} {:>10} {:>7} {:>8} {:>8} {:>8} {:>9} {:>7} {:>8} {:>8}",
+        "scenario", "req/s", "x base", "p50", "p90", "p99", "max", "errors", "cpu s", "RSS MiB"
+    );
     for r in &runs {
         println!(
             "{:<42} {:>10.0} {:>7.2} {:>8.0} {:>8.0} {:>8.0} {:>9.0} {:>7} {:>8} {:>8}",
-            r.name, r.rps, r.rps / baseline, r.p50, r.p90, r.p99, r.max, r.errors,
+            r.name,
+            r.rps,
+            r.rps / baseline,
+            r.p50,
+            r.p90,
+            r.p99,
+            r.max,
+            r.errors,
             r.cpu.map_or("-".into(), |c| format!("{c:.1}")),
             r.rss_mib.map_or("-".into(), |m| format!("{m:.1}")),
         );

@@ -10,7 +10,9 @@ use idsync::devkit::{LocalIssuer, SigningAlg};
 use idsync::http::auth::{Authenticator, unix_now};
 use idsync::http::headers::{self, Forwarded, HeaderNames};
 use idsync::identity::{ClaimPath, Dialect, MappingRules, RoleMap, map_claims};
-use idsync::oidc::{IdpClient, IssuerKeys, KeyCacheOptions, KeySource, TrustedIssuer, Verifier, VerifyOptions};
+use idsync::oidc::{
+    IdpClient, IssuerKeys, KeyCacheOptions, KeySource, TrustedIssuer, Verifier, VerifyOptions,
+};
 use idsync::provision::{MissingTenant, Provisioner, SyncOptions};
 use serde_json::{Map, Value, json};
 use std::sync::{Arc, OnceLock};
@@ -32,7 +34,11 @@ struct Fixture {
 }
 
 fn rules(dialect: Dialect) -> MappingRules {
-    MappingRules { dialect, tenant_claim: ClaimPath::new("tenant_id").unwrap(), roles_claim: ClaimPath::new("roles").unwrap() }
+    MappingRules {
+        dialect,
+        tenant_claim: ClaimPath::new("tenant_id").unwrap(),
+        roles_claim: ClaimPath::new("roles").unwrap(),
+    }
 }
 
 fn key_opts() -> KeyCacheOptions {
@@ -47,36 +53,74 @@ fn key_opts() -> KeyCacheOptions {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let client = IdpClient::new(None, Duration::from_secs(5)).unwrap();
-        let opts = VerifyOptions { leeway_secs: 60, max_token_bytes: 16384 };
+        let opts = VerifyOptions {
+            leeway_secs: 60,
+            max_token_bytes: 16384,
+        };
         let verifiers = rt.block_on(async {
             let mut out = Vec::new();
-            for alg in [SigningAlg::RS256, SigningAlg::PS256, SigningAlg::ES256, SigningAlg::EdDSA] {
+            for alg in [
+                SigningAlg::RS256,
+                SigningAlg::PS256,
+                SigningAlg::ES256,
+                SigningAlg::EdDSA,
+            ] {
                 let issuer = LocalIssuer::start("/realms/bench", alg).await.unwrap();
                 // Keys from a file: no network in the measured path.
                 let path = dir.path().join(format!("{alg:?}.json"));
                 std::fs::write(&path, issuer.jwks_document().to_string()).unwrap();
-                let keys = Arc::new(IssuerKeys::new(issuer.issuer().into(), KeySource::File(path), client.clone(), key_opts()));
+                let keys = Arc::new(IssuerKeys::new(
+                    issuer.issuer().into(),
+                    KeySource::File(path),
+                    client.clone(),
+                    key_opts(),
+                ));
                 keys.load_now().await.unwrap();
                 let mut claims = issuer.claims_for("bench-user");
                 claims["exp"] = json!(unix_now() + 86_400);
                 let token = issuer.mint(claims);
                 let jwk = issuer.jwks_document()["keys"][0].clone();
-                let verifier = Verifier::new(vec![TrustedIssuer { issuer: issuer.issuer().into(), audiences: vec![], keys }], opts);
+                let verifier = Verifier::new(
+                    vec![TrustedIssuer {
+                        issuer: issuer.issuer().into(),
+                        audiences: vec![],
+                        keys,
+                    }],
+                    opts,
+                );
                 out.push((alg, verifier, token, jwk));
             }
             out
         });
         // A separate authenticator over the RS256 issuer, with its token cached.
         let (auth, cached_token) = rt.block_on(async {
-            let issuer = LocalIssuer::start("/realms/cache", SigningAlg::RS256).await.unwrap();
+            let issuer = LocalIssuer::start("/realms/cache", SigningAlg::RS256)
+                .await
+                .unwrap();
             let path = dir.path().join("cache.json");
             std::fs::write(&path, issuer.jwks_document().to_string()).unwrap();
-            let keys = Arc::new(IssuerKeys::new(issuer.issuer().into(), KeySource::File(path), client.clone(), key_opts()));
+            let keys = Arc::new(IssuerKeys::new(
+                issuer.issuer().into(),
+                KeySource::File(path),
+                client.clone(),
+                key_opts(),
+            ));
             keys.load_now().await.unwrap();
-            let verifier = Verifier::new(vec![TrustedIssuer { issuer: issuer.issuer().into(), audiences: vec![], keys }], opts);
+            let verifier = Verifier::new(
+                vec![TrustedIssuer {
+                    issuer: issuer.issuer().into(),
+                    audiences: vec![],
+                    keys,
+                }],
+                opts,
+            );
             let auth = Authenticator::new(verifier, vec![rules(Dialect::Keycloak)], 100_000);
             let mut claims = issuer.claims_for("cached-user");
             claims["exp"] = json!(unix_now() + 86_400);
@@ -88,7 +132,9 @@ fn fixture() -> &'static Fixture {
             let mut opts = sea_orm::ConnectOptions::new("sqlite::memory:");
             opts.max_connections(1).sqlx_logging(false);
             let db = sea_orm::Database::connect(opts).await.unwrap();
-            <migration::Migrator as migration::MigratorTrait>::up(&db, None).await.unwrap();
+            <migration::Migrator as migration::MigratorTrait>::up(&db, None)
+                .await
+                .unwrap();
             let app_roles: Vec<String> = ["admin", "member", "viewer"].map(String::from).to_vec();
             Provisioner::new(
                 db,
@@ -102,18 +148,40 @@ fn fixture() -> &'static Fixture {
                 },
             )
         });
-        let keycloak: Map<String, Value> = serde_json::from_str(include_str!("../tests/fixtures/claims/keycloak-26-access-token.json")).unwrap();
-        let frontegg: Map<String, Value> = serde_json::from_str(include_str!("../tests/fixtures/claims/frontegg-user-token.json")).unwrap();
-        Fixture { rt, verifiers, auth, cached_token, provisioner, keycloak, frontegg, _dir: dir }
+        let keycloak: Map<String, Value> = serde_json::from_str(include_str!(
+            "../tests/fixtures/claims/keycloak-26-access-token.json"
+        ))
+        .unwrap();
+        let frontegg: Map<String, Value> = serde_json::from_str(include_str!(
+            "../tests/fixtures/claims/frontegg-user-token.json"
+        ))
+        .unwrap();
+        Fixture {
+            rt,
+            verifiers,
+            auth,
+            cached_token,
+            provisioner,
+            keycloak,
+            frontegg,
+            _dir: dir,
+        }
     })
 }
 
 #[divan::bench(args = ["RS256", "PS256", "ES256", "EdDSA"])]
 fn verify_uncached(bencher: Bencher, alg: &str) {
     let f = fixture();
-    let (_, verifier, token, _) = f.verifiers.iter().find(|(a, ..)| format!("{a:?}") == alg).unwrap();
+    let (_, verifier, token, _) = f
+        .verifiers
+        .iter()
+        .find(|(a, ..)| format!("{a:?}") == alg)
+        .unwrap();
     let now = unix_now();
-    bencher.bench(|| f.rt.block_on(verifier.verify(divan::black_box(token), now)).unwrap());
+    bencher.bench(|| {
+        f.rt.block_on(verifier.verify(divan::black_box(token), now))
+            .unwrap()
+    });
 }
 
 fn split(token: &str) -> (String, Vec<u8>) {
@@ -126,13 +194,23 @@ fn split(token: &str) -> (String, Vec<u8>) {
 fn verify_rustcrypto_rs256(bencher: Bencher) {
     use rsa::signature::Verifier as _;
     let f = fixture();
-    let (_, _, token, jwk) = f.verifiers.iter().find(|(a, ..)| *a == SigningAlg::RS256).unwrap();
-    let n = rsa::BigUint::from_bytes_be(&URL_SAFE_NO_PAD.decode(jwk["n"].as_str().unwrap()).unwrap());
-    let e = rsa::BigUint::from_bytes_be(&URL_SAFE_NO_PAD.decode(jwk["e"].as_str().unwrap()).unwrap());
-    let key = rsa::pkcs1v15::VerifyingKey::<sha2::Sha256>::new(rsa::RsaPublicKey::new(n, e).unwrap());
+    let (_, _, token, jwk) = f
+        .verifiers
+        .iter()
+        .find(|(a, ..)| *a == SigningAlg::RS256)
+        .unwrap();
+    let n =
+        rsa::BigUint::from_bytes_be(&URL_SAFE_NO_PAD.decode(jwk["n"].as_str().unwrap()).unwrap());
+    let e =
+        rsa::BigUint::from_bytes_be(&URL_SAFE_NO_PAD.decode(jwk["e"].as_str().unwrap()).unwrap());
+    let key =
+        rsa::pkcs1v15::VerifyingKey::<sha2::Sha256>::new(rsa::RsaPublicKey::new(n, e).unwrap());
     let (input, sig) = split(token);
     let sig = rsa::pkcs1v15::Signature::try_from(sig.as_slice()).unwrap();
-    bencher.bench(|| key.verify(divan::black_box(input.as_bytes()), &sig).unwrap());
+    bencher.bench(|| {
+        key.verify(divan::black_box(input.as_bytes()), &sig)
+            .unwrap()
+    });
 }
 
 /// ES256 through the RustCrypto `p256` crate, on the same token.
@@ -140,43 +218,78 @@ fn verify_rustcrypto_rs256(bencher: Bencher) {
 fn verify_rustcrypto_es256(bencher: Bencher) {
     use p256::ecdsa::signature::Verifier as _;
     let f = fixture();
-    let (_, _, token, jwk) = f.verifiers.iter().find(|(a, ..)| *a == SigningAlg::ES256).unwrap();
+    let (_, _, token, jwk) = f
+        .verifiers
+        .iter()
+        .find(|(a, ..)| *a == SigningAlg::ES256)
+        .unwrap();
     let mut point = vec![4u8];
     point.extend(URL_SAFE_NO_PAD.decode(jwk["x"].as_str().unwrap()).unwrap());
     point.extend(URL_SAFE_NO_PAD.decode(jwk["y"].as_str().unwrap()).unwrap());
     let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&point).unwrap();
     let (input, sig) = split(token);
     let sig = p256::ecdsa::Signature::from_slice(&sig).unwrap();
-    bencher.bench(|| key.verify(divan::black_box(input.as_bytes()), &sig).unwrap());
+    bencher.bench(|| {
+        key.verify(divan::black_box(input.as_bytes()), &sig)
+            .unwrap()
+    });
 }
 
 #[divan::bench]
 fn token_cache_hit(bencher: Bencher) {
     let f = fixture();
     let now = unix_now();
-    bencher.bench(|| f.rt.block_on(f.auth.authenticate(divan::black_box(&f.cached_token), now)).unwrap());
+    bencher.bench(|| {
+        f.rt.block_on(f.auth.authenticate(divan::black_box(&f.cached_token), now))
+            .unwrap()
+    });
 }
 
 #[divan::bench]
 fn identity_keycloak(bencher: Bencher) {
     let f = fixture();
     let r = rules(Dialect::Keycloak);
-    bencher.bench(|| map_claims("https://sso.example.com/realms/acme", divan::black_box(&f.keycloak), &r).unwrap());
+    bencher.bench(|| {
+        map_claims(
+            "https://sso.example.com/realms/acme",
+            divan::black_box(&f.keycloak),
+            &r,
+        )
+        .unwrap()
+    });
 }
 
 #[divan::bench]
 fn identity_frontegg(bencher: Bencher) {
     let f = fixture();
     let r = rules(Dialect::Frontegg);
-    bencher.bench(|| map_claims("https://acme.frontegg.com", divan::black_box(&f.frontegg), &r).unwrap());
+    bencher.bench(|| {
+        map_claims(
+            "https://acme.frontegg.com",
+            divan::black_box(&f.frontegg),
+            &r,
+        )
+        .unwrap()
+    });
 }
 
 #[divan::bench]
 fn header_strip_and_inject(bencher: Bencher) {
     let names = HeaderNames::new("X-").unwrap();
     let mut incoming = http::HeaderMap::new();
-    for (k, v) in [("host", "app"), ("accept", "*/*"), ("user-agent", "bench"), ("authorization", "Bearer x"), ("x-user-id", "spoof"), ("x-tenant-id", "t"), ("x-idsync-synced", "true")] {
-        incoming.insert(http::HeaderName::from_static(k), http::HeaderValue::from_static(v));
+    for (k, v) in [
+        ("host", "app"),
+        ("accept", "*/*"),
+        ("user-agent", "bench"),
+        ("authorization", "Bearer x"),
+        ("x-user-id", "spoof"),
+        ("x-tenant-id", "t"),
+        ("x-idsync-synced", "true"),
+    ] {
+        incoming.insert(
+            http::HeaderName::from_static(k),
+            http::HeaderValue::from_static(v),
+        );
     }
     let forwarded = Forwarded {
         user_id: Some("b2433b81-188f-4c01-b2ed-053bee5391d3".into()),
@@ -189,17 +302,27 @@ fn header_strip_and_inject(bencher: Bencher) {
         tenant_slug: Some("acme".into()),
         ..Default::default()
     };
-    bencher.with_inputs(|| incoming.clone()).bench_local_values(|mut h| {
-        headers::strip(&mut h, &names);
-        headers::inject(&mut h, &names, &forwarded);
-        h
-    });
+    bencher
+        .with_inputs(|| incoming.clone())
+        .bench_local_values(|mut h| {
+            headers::strip(&mut h, &names);
+            headers::inject(&mut h, &names, &forwarded);
+            h
+        });
 }
 
 #[divan::bench]
 fn sync_cache_hit(bencher: Bencher) {
     let f = fixture();
-    let identity = map_claims("https://sso.example.com/realms/acme", &f.keycloak, &rules(Dialect::Keycloak)).unwrap();
+    let identity = map_claims(
+        "https://sso.example.com/realms/acme",
+        &f.keycloak,
+        &rules(Dialect::Keycloak),
+    )
+    .unwrap();
     f.rt.block_on(f.provisioner.sync(&identity, None)).unwrap();
-    bencher.bench(|| f.rt.block_on(f.provisioner.sync(divan::black_box(&identity), None)).unwrap());
+    bencher.bench(|| {
+        f.rt.block_on(f.provisioner.sync(divan::black_box(&identity), None))
+            .unwrap()
+    });
 }

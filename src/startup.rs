@@ -39,6 +39,13 @@ pub async fn connect_database(settings: &Settings) -> anyhow::Result<DatabaseCon
     } else {
         settings.database_max_connections
     };
+    // SQLite: WAL lets readers run beside the one writer; synchronous=NORMAL is crash-consistent in WAL
+    // mode and may only lose the last commits on power loss (sync re-creates them on the next request).
+    opts.map_sqlx_sqlite_opts(|o| {
+        o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+            .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5))
+    });
     opts.max_connections(max)
         .min_connections(0)
         .connect_timeout(settings.database_timeout)

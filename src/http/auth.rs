@@ -73,12 +73,14 @@ impl Authenticator {
     pub fn invalidate_subject(&self, subject: &str) {
         if let Some(cache) = &self.cache {
             let subject = subject.to_owned();
-            let _ = cache.invalidate_entries_if(move |_, v| {
-                v.identity
-                    .subject
-                    .as_ref()
-                    .is_some_and(|s| s.as_str() == subject)
-            });
+            cache
+                .invalidate_entries_if(move |_, v| {
+                    v.identity
+                        .subject
+                        .as_ref()
+                        .is_some_and(|s| s.as_str() == subject)
+                })
+                .expect("the token cache is built with invalidation closures");
         }
     }
 

@@ -117,6 +117,9 @@ pub struct Provisioner {
     /// Positive answers to "does this user have an active membership in that tenant?" (value: user, tenant).
     members: Cache<Key, (String, String)>,
     last_seen: LastSeen,
+    /// SQLite has one writer at a time: sync transactions queue here, in order, instead of polling in
+    /// SQLite's busy handler (whose back-off made tail latency seconds long under concurrent first requests).
+    sqlite_writer: Option<tokio::sync::Mutex<()>>,
 }
 
 fn key(parts: &[&str]) -> Key {
@@ -137,14 +140,18 @@ impl Provisioner {
         let members = Cache::builder()
             .max_capacity(opts.cache_size)
             .time_to_live(opts.cache_ttl)
+            .support_invalidation_closures()
             .build();
         let last_seen = LastSeen::new(opts.last_seen_interval, opts.cache_size);
+        let sqlite_writer = (db.get_database_backend() == sea_orm::DatabaseBackend::Sqlite)
+            .then(|| tokio::sync::Mutex::new(()));
         Self {
             db,
             opts,
             synced,
             members,
             last_seen,
+            sqlite_writer,
         }
     }
 
@@ -194,7 +201,12 @@ impl Provisioner {
             now,
         };
         let started = std::time::Instant::now();
+        let writer = match &self.sqlite_writer {
+            Some(m) => Some(m.lock().await),
+            None => None,
+        };
         let outcome = store::sync(&self.db, &request).await;
+        drop(writer);
         metrics::histogram!("idsync_sync_seconds").record(started.elapsed().as_secs_f64());
         let outcome = outcome.map_err(|e| {
             metrics::counter!("idsync_sync_total", "outcome" => "error").increment(1);
@@ -327,14 +339,16 @@ impl Provisioner {
     /// reads the database again (and meets, say, a deactivation at once).
     pub fn invalidate(&self, affected: &Affected) {
         let a = affected.clone();
-        let _ = self.synced.invalidate_entries_if(move |_, v| {
-            let p = &v.provisioned;
-            invalidates(&a, p.user_id.as_deref(), p.tenant_id.as_deref())
-        });
+        self.synced
+            .invalidate_entries_if(move |_, v| {
+                let p = &v.provisioned;
+                invalidates(&a, p.user_id.as_deref(), p.tenant_id.as_deref())
+            })
+            .expect("the sync cache is built with invalidation closures");
         let a = affected.clone();
-        let _ = self
-            .members
-            .invalidate_entries_if(move |_, (u, t)| invalidates(&a, Some(u), Some(t)));
+        self.members
+            .invalidate_entries_if(move |_, (u, t)| invalidates(&a, Some(u), Some(t)))
+            .expect("the membership cache is built with invalidation closures");
     }
 
     /// Writes pending last-login times (called periodically and at shutdown).
