@@ -59,7 +59,11 @@ impl From<crate::provision::ProvisionError> for ApiError {
         match e {
             P::TenantNotPermitted => Self::Forbidden("tenant_not_permitted", text),
             P::MissingTenant(_) => Self::Forbidden("missing_tenant_claim", text),
-            P::IdentityConflict(_) => Self::Forbidden("identity_conflict", text),
+            // Which issuer owns the id is in the audit event; the client learns only that it conflicts.
+            P::IdentityConflict(_) => Self::Forbidden(
+                "identity_conflict",
+                "the user or tenant id already belongs to another issuer".into(),
+            ),
             P::UserInactive => Self::Forbidden("user_inactive", text),
             P::TenantInactive => Self::Forbidden("tenant_inactive", text),
             P::MembershipInactive => Self::Forbidden("membership_inactive", text),

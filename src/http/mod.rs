@@ -53,6 +53,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/.idsync/auth", any(forward_auth))
         .route("/.idsync/me", get(me))
         .route("/.idsync/tenant", get(tenant))
+        // The namespace is idsync's: an unknown path here is never proxied to the app.
+        .route(
+            "/.idsync/{*rest}",
+            any(|| async { ApiError::NotFound("no such idsync endpoint".into()) }),
+        )
         .fallback(reverse_proxy)
         .layer(middleware::from_fn_with_state(state.clone(), cors::layer))
         .layer(middleware::from_fn(access_log))

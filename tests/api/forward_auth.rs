@@ -44,3 +44,18 @@ async fn forward_auth_answers_200_with_identity_headers_and_never_proxies() {
 
     assert_eq!(t.upstream.hits(), 0, "forward-auth never proxies");
 }
+
+#[tokio::test]
+async fn unknown_idsync_paths_are_404_and_never_proxied() {
+    let t = app().start().await;
+    let token = t.issuer.mint(t.issuer.claims_for("u"));
+    let r = t
+        .http
+        .get(t.url("/.idsync/admin"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, 404, "not_found").await;
+    assert_eq!(t.upstream.hits(), 0);
+}

@@ -721,7 +721,15 @@ async fn an_id_owned_by_another_issuer_is_never_merged(db: TestDb) {
         0,
         "nothing else was written"
     );
-    assert_eq!(kinds(&events(&conn).await), ["identity_conflict"]);
+    let evs = events(&conn).await;
+    assert_eq!(kinds(&evs), ["identity_conflict"]);
+    assert!(
+        evs[0].3["reason"]
+            .as_str()
+            .unwrap()
+            .contains("https://other-idp.example.com"),
+        "the audit event names the owner"
+    );
 
     // The same holds for a tenant id.
     organizations::ActiveModel {
