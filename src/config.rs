@@ -218,6 +218,11 @@ pub struct ServeArgs {
     #[arg(long, env = "IDSYNC_UPSTREAM_TIMEOUT", default_value = "60s")]
     pub upstream_timeout: String,
 
+    /// Time a client has to send a request's headers (slowloris protection; also closes idle keep-alive
+    /// connections).
+    #[arg(long, env = "IDSYNC_HEADER_READ_TIMEOUT", default_value = "30s")]
+    pub header_read_timeout: String,
+
     /// On SIGTERM, how long in-flight requests get to finish.
     #[arg(long, env = "IDSYNC_SHUTDOWN_TIMEOUT", default_value = "30s")]
     pub shutdown_timeout: String,
@@ -372,6 +377,7 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub log_level: String,
     pub shutdown_timeout: Duration,
+    pub header_read_timeout: Duration,
     pub migrate: bool,
     pub sync: SyncOptions,
     pub on_db_error: OnDbError,
@@ -553,6 +559,7 @@ impl ServeArgs {
                 ),
             )
         });
+        let header_read_timeout = p.take("--header-read-timeout", dur(&self.header_read_timeout));
         let database_timeout = p.take("--database-timeout", dur(&self.database_timeout));
         let upstream_connect_timeout = p.take(
             "--upstream-connect-timeout",
@@ -644,7 +651,9 @@ impl ServeArgs {
         if !p.0.is_empty() {
             return Err(p.0);
         }
-        let (Some(database_timeout), Some(cors)) = (database_timeout, cors) else {
+        let (Some(database_timeout), Some(cors), Some(header_read_timeout)) =
+            (database_timeout, cors, header_read_timeout)
+        else {
             return Err(vec!["internal: a setting was not parsed".into()]);
         };
         let (
@@ -738,6 +747,7 @@ impl ServeArgs {
             log_format,
             log_level,
             shutdown_timeout,
+            header_read_timeout,
             migrate,
             sync: SyncOptions {
                 roles,

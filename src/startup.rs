@@ -28,6 +28,7 @@ pub struct Application {
     admin: AdminState,
     background: Vec<JoinHandle<()>>,
     shutdown_timeout: Duration,
+    header_read_timeout: Duration,
 }
 
 /// Connects with pool limits that fail fast: a request waiting on a dead database gets 503 in seconds.
@@ -158,6 +159,7 @@ impl Application {
             admin,
             background,
             shutdown_timeout: settings.shutdown_timeout,
+            header_read_timeout: settings.header_read_timeout,
         })
     }
 
@@ -180,22 +182,24 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let (tx, rx) = tokio::sync::watch::channel(false);
-        let signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        };
-        let proxy = axum::serve(
+        let proxy = crate::http::server::serve(
             self.proxy_listener,
-            edge::router(self.state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(signal(rx.clone()));
-        let admin = axum::serve(self.admin_listener, admin::router(self.admin.clone()))
-            .with_graceful_shutdown(signal(rx.clone()));
-        let mut proxy = tokio::spawn(async move { proxy.await });
-        let mut admin = tokio::spawn(async move { admin.await });
+            edge::router(self.state.clone()),
+            self.header_read_timeout,
+            rx.clone(),
+        );
+        let admin = crate::http::server::serve(
+            self.admin_listener,
+            admin::router(self.admin.clone()),
+            self.header_read_timeout,
+            rx.clone(),
+        );
+        let mut proxy = tokio::spawn(proxy);
+        let mut admin = tokio::spawn(admin);
 
         tokio::select! {
             _ = shutdown => {}
-            r = &mut proxy => { r??; anyhow::bail!("the proxy server stopped unexpectedly") }
+            r = &mut proxy => { r?; anyhow::bail!("the proxy server stopped unexpectedly") }
         }
         tracing::info!("shutting down: draining in-flight requests");
         let _ = tx.send(true);

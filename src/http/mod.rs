@@ -9,6 +9,7 @@ pub mod cors;
 pub mod error;
 pub mod headers;
 pub mod proxy;
+pub mod server;
 
 use crate::config::OnDbError;
 use crate::provision::{ProvisionError, Provisioner};

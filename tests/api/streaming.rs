@@ -79,3 +79,45 @@ async fn websocket_echo_passes_through_the_proxy_with_identity() {
         .unwrap_err();
     assert!(err.to_string().contains("401"), "{err}");
 }
+
+#[tokio::test]
+async fn a_client_sending_headers_slowly_is_disconnected_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = app().arg("--header-read-timeout").arg("1s").start().await;
+    let mut slow = tokio::net::TcpStream::connect(t.app.proxy_addr)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // Keep trickling header bytes, never finishing the request, the way a slowloris client does.
+    let trickle = async {
+        for i in 0..20 {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            if slow
+                .write_all(format!("X-Slow-{i}: y\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), trickle).await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        slow.read_to_end(&mut buf),
+    )
+    .await;
+    assert!(read.is_ok(), "the server must close the connection");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(6),
+        "closed after about the header timeout, took {:?}",
+        started.elapsed()
+    );
+    // The sidecar still serves everyone else.
+    let token = t.issuer.mint(t.issuer.claims_for("patient"));
+    assert_eq!(t.get_with_token("/", &token).await.status(), 200);
+}
