@@ -224,6 +224,12 @@ impl LocalIssuer {
         self.sign_with(&self.newest(), header, claims)
     }
 
+    /// Signs an arbitrary header and payload, exactly as given, with the key `kid` (the header's `alg` is
+    /// not consulted), for hostile-token tests that need a valid signature over a hostile header or payload.
+    pub fn sign_raw_with(&self, kid: &str, header: &Value, claims: &Value) -> String {
+        self.sign_with(&self.key(kid), header, claims)
+    }
+
     /// A typical set of claims for a user in tenant `acme`, valid for five minutes from now.
     pub fn claims_for(&self, sub: &str) -> Value {
         let now = crate::http::auth::unix_now();
@@ -235,6 +241,20 @@ impl LocalIssuer {
             obj.entry("iss").or_insert_with(|| json!(self.issuer()));
         }
         claims
+    }
+
+    /// Signs header and payload text byte for byte (e.g. JSON with duplicate keys, which `Value` cannot hold).
+    pub fn sign_text_with(&self, kid: &str, header: &str, payload: &str) -> String {
+        let key = self.key(kid);
+        let message = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(payload)
+        );
+        let signature =
+            jsonwebtoken::crypto::sign(message.as_bytes(), &key.encoding, key.alg.jwt())
+                .expect("signing with a generated key works");
+        format!("{message}.{signature}")
     }
 
     fn sign_with(&self, key: &Key, header: &Value, claims: &Value) -> String {

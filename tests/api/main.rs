@@ -5,6 +5,7 @@
 mod db;
 
 mod helpers;
+mod hostile;
 
 mod cli;
 mod forward_auth;
