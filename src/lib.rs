@@ -13,3 +13,6 @@ pub mod oidc;
 pub mod provision;
 pub mod startup;
 pub mod telemetry;
+
+#[cfg(test)]
+mod fuzz_tests;

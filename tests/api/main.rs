@@ -8,6 +8,7 @@ mod helpers;
 mod hostile;
 
 mod cli;
+mod faults;
 mod forward_auth;
 mod keys;
 mod operator;

@@ -1,0 +1,212 @@
+//! Faults and concurrency across processes: two idsync processes on one PostgreSQL database, a slow IdP
+//! under a stampede, and last-login writes that must land on graceful shutdown.
+
+use crate::db::TestDb;
+use crate::helpers::app;
+use entity::{audit_events, memberships, organizations, users};
+use idsync::devkit::{EchoUpstream, LocalIssuer, SigningAlg};
+use sea_orm::{EntityTrait, PaginatorTrait};
+use serde_json::json;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+async fn spawn_idsync(args: &[String]) -> (tokio::process::Child, String) {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_idsync"))
+        .env_clear()
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .args(args)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let proxy = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["message"] == "idsync listening" {
+                return v["proxy"].as_str().unwrap().to_owned();
+            }
+        }
+        panic!("idsync exited before listening");
+    })
+    .await
+    .expect("idsync started");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_idsync_processes_on_one_postgres_make_each_identity_exactly_once() {
+    let Some(db) = TestDb::postgres().await else {
+        eprintln!("IDSYNC_TEST_POSTGRES_URL is not set: not run");
+        return;
+    };
+    let issuer = LocalIssuer::start("/realms/acme", SigningAlg::ES256)
+        .await
+        .unwrap();
+    let upstream = EchoUpstream::start().await.unwrap();
+    let migrate = tokio::process::Command::new(env!("CARGO_BIN_EXE_idsync"))
+        .env_clear()
+        .args(["migrate", "up", "--database-url", &db.url])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        migrate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+    let args: Vec<String> = [
+        "--upstream",
+        &upstream.url(),
+        "--issuer",
+        issuer.issuer(),
+        "--database-url",
+        &db.url,
+        "--migrate",
+        "skip",
+    ]
+    .map(String::from)
+    .to_vec();
+    let (_a, proxy_a) = spawn_idsync(&args).await;
+    let (_b, proxy_b) = spawn_idsync(&args).await;
+
+    let http = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let mut c = issuer.claims_for(&format!("user-{}", i % 20));
+        c.as_object_mut().unwrap().remove("tenant_id");
+        c["organization"] = json!({format!("Org {}", i % 4): {"id": format!("org-{}", i % 4)}});
+        c["jti"] = json!(i);
+        let token = issuer.mint(c);
+        let url = format!("http://{}/", if i % 2 == 0 { &proxy_a } else { &proxy_b });
+        let http = http.clone();
+        tasks.push(tokio::spawn(async move {
+            // Keys load in the background at start; retry briefly until they are there.
+            for _ in 0..100 {
+                let status = http
+                    .get(&url)
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16();
+                if status != 503 {
+                    return status;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            503
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let conn = db.connect().await;
+    assert_eq!(users::Entity::find().count(&conn).await.unwrap(), 20);
+    assert_eq!(organizations::Entity::find().count(&conn).await.unwrap(), 4);
+    assert_eq!(
+        memberships::Entity::find().count(&conn).await.unwrap(),
+        20,
+        "user-N is always in org-(N mod 4)"
+    );
+    let evs = audit_events::Entity::find().all(&conn).await.unwrap();
+    let n = |k: &str| evs.iter().filter(|e| e.kind == k).count();
+    assert_eq!(
+        (
+            n("user_created"),
+            n("organization_created"),
+            n("membership_created"),
+            evs.len()
+        ),
+        (20, 4, 20, 44)
+    );
+}
+
+#[tokio::test]
+async fn pending_last_login_writes_land_on_graceful_shutdown() {
+    let t = app().arg("--last-seen-interval").arg("1s").start().await;
+    let token = t.issuer.mint(t.issuer.claims_for("leaving"));
+    assert_eq!(t.get_with_token("/", &token).await.status(), 200);
+    let db_url = format!("sqlite://{}/idsync.db?mode=rwc", t.dir.path().display());
+    let conn = sea_orm::Database::connect(&db_url).await.unwrap();
+    let first = users::Entity::find_by_id("leaving")
+        .one(&conn)
+        .await
+        .unwrap()
+        .unwrap()
+        .last_login_at
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        t.get_with_token("/", &token).await.status(),
+        200,
+        "queues a last-login write"
+    );
+    // Stop at once: the background writer (every 250 ms here) may not have run; shutdown must flush.
+    let crate::helpers::TestApp { app, dir: _dir, .. } = t;
+    app.stop().await.unwrap();
+    let last = users::Entity::find_by_id("leaving")
+        .one(&conn)
+        .await
+        .unwrap()
+        .unwrap()
+        .last_login_at
+        .unwrap();
+    assert!(last > first, "the pending write landed ({first} -> {last})");
+}
+
+#[tokio::test]
+async fn a_slow_idp_during_a_kid_stampede_gets_one_fetch_and_requests_answer_in_bounded_time() {
+    let t = app().arg("--idp-timeout").arg("1s").start().await;
+    t.issuer.set_delay(Duration::from_secs(3));
+    let before = t.issuer.jwks_fetches();
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let token = t.issuer.sign_raw(
+            &json!({"alg": "RS256", "kid": format!("rotated-{i}")}),
+            &t.issuer.claims_for("x"),
+        );
+        let (http, url) = (t.http.clone(), t.url("/"));
+        tasks.push(tokio::spawn(async move {
+            http.get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 401);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "bounded by --idp-timeout, took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        t.issuer.jwks_fetches() - before <= 1,
+        "single-flight: {} fetches",
+        t.issuer.jwks_fetches() - before
+    );
+    // Known keys keep working while the IdP is slow.
+    t.issuer.set_delay(Duration::ZERO);
+    assert_eq!(
+        t.get_with_token("/", &t.issuer.mint(t.issuer.claims_for("ok")))
+            .await
+            .status(),
+        200
+    );
+}
