@@ -210,3 +210,100 @@ async fn a_slow_idp_during_a_kid_stampede_gets_one_fetch_and_requests_answer_in_
         200
     );
 }
+
+#[tokio::test]
+async fn an_upstream_that_resets_connections_gives_502_and_idsync_keeps_serving() {
+    use tokio::io::AsyncReadExt;
+    // Accepts, reads a little, then closes without answering.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = [0u8; 64];
+            let _ = s.read(&mut buf).await;
+            drop(s);
+        }
+    });
+    let t = app().upstream(&format!("http://{addr}")).start().await;
+    let token = t.issuer.mint(t.issuer.claims_for("u"));
+    for _ in 0..5 {
+        crate::helpers::assert_error(
+            t.get_with_token("/", &token).await,
+            502,
+            "upstream_unavailable",
+        )
+        .await;
+    }
+    let live = t
+        .http
+        .get(format!("{}/livez", t.app.admin_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(live.status(), 200);
+}
+
+#[tokio::test]
+async fn clients_disconnecting_mid_upload_and_mid_download_do_not_disturb_others() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = app().start().await;
+    let token = t.issuer.mint(t.issuer.claims_for("flaky"));
+    for _ in 0..10 {
+        // Announce 100 MiB, send 1 MiB, vanish.
+        let mut up = tokio::net::TcpStream::connect(t.app.proxy_addr)
+            .await
+            .unwrap();
+        up.write_all(format!("PUT /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 104857600\r\n\r\n").as_bytes()).await.unwrap();
+        up.write_all(&vec![b'z'; 1024 * 1024]).await.unwrap();
+        drop(up);
+        // Ask for 100 MiB, read a little, vanish.
+        let mut down = tokio::net::TcpStream::connect(t.app.proxy_addr)
+            .await
+            .unwrap();
+        down.write_all(
+            format!("GET /stream/100 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut buf = vec![0u8; 256 * 1024];
+        let _ = down.read(&mut buf).await.unwrap();
+        drop(down);
+    }
+    let echo = t
+        .echo(t.http.get(t.url("/after")).bearer_auth(&token))
+        .await;
+    assert_eq!(echo.status, 200, "idsync still serves");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_websockets_pass_through() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+    let t = app().start().await;
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let token = t.issuer.mint(t.issuer.claims_for(&format!("ws-{i}")));
+        let addr = t.app.proxy_addr;
+        tasks.push(tokio::spawn(async move {
+            let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+            req.headers_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+            let hello = ws.next().await.unwrap().unwrap();
+            ws.send(Message::Text(format!("msg-{i}").into()))
+                .await
+                .unwrap();
+            let echoed = ws.next().await.unwrap().unwrap();
+            (hello, echoed, ws)
+        }));
+    }
+    let mut open = Vec::new();
+    for (i, task) in tasks.into_iter().enumerate() {
+        let (hello, echoed, ws) = task.await.unwrap();
+        assert_eq!(hello, Message::Text(format!("hello ws-{i}").into()));
+        assert_eq!(echoed, Message::Text(format!("msg-{i}").into()));
+        open.push(ws);
+    }
+    assert_eq!(open.len(), 100, "all 100 were open at once");
+}
