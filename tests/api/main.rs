@@ -13,6 +13,7 @@ mod forward_auth;
 mod keys;
 mod operator;
 mod proxy;
+mod soak;
 mod startup;
 mod streaming;
 mod sync;
