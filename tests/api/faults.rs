@@ -8,7 +8,7 @@ use idsync::devkit::{EchoUpstream, LocalIssuer, SigningAlg};
 use sea_orm::{EntityTrait, PaginatorTrait};
 use serde_json::json;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 async fn spawn_idsync(args: &[String]) -> (tokio::process::Child, String) {
@@ -306,4 +306,100 @@ async fn a_hundred_concurrent_websockets_pass_through() {
         open.push(ws);
     }
     assert_eq!(open.len(), 100, "all 100 were open at once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_database_and_an_exhausted_pool_answer_503_quickly() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let Some(db) = TestDb::postgres().await else {
+        eprintln!("IDSYNC_TEST_POSTGRES_URL is not set: not run");
+        return;
+    };
+    let t = app()
+        .database(&db.url)
+        .arg("--database-max-connections")
+        .arg("1")
+        .arg("--database-timeout")
+        .arg("1s")
+        .start()
+        .await;
+    // Another client holds an exclusive lock on `users`: the first sync stalls holding the only connection.
+    let conn = db.connect().await;
+    let lock = conn.begin().await.unwrap();
+    lock.execute_unprepared("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let token = t.issuer.mint(t.issuer.claims_for(&format!("stalled-{i}")));
+        let (http, url) = (t.http.clone(), t.url("/"));
+        tasks.push(tokio::spawn(async move {
+            let r = http.get(url).bearer_auth(token).send().await.unwrap();
+            (r.status().as_u16(), Instant::now())
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    lock.rollback().await.unwrap();
+    let results: Vec<(u16, Instant)> = futures_util::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let quick_503s = results
+        .iter()
+        .filter(|(s, at)| *s == 503 && at.duration_since(started) < Duration::from_millis(2500))
+        .count();
+    assert!(
+        quick_503s >= 8,
+        "requests waiting for the pool get 503 within the database timeout: {:?}",
+        results
+            .iter()
+            .map(|(s, at)| (s, at.duration_since(started)))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        results.iter().all(|(s, _)| *s == 503 || *s == 200),
+        "only 503 or, once the lock is gone, 200"
+    );
+    // And the sidecar recovers by itself.
+    assert_eq!(
+        t.get_with_token("/", &t.issuer.mint(t.issuer.claims_for("after-stall")))
+            .await
+            .status(),
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_under_load_finishes_every_in_flight_request() {
+    let t = app().start().await;
+    let token = t.issuer.mint(t.issuer.claims_for("busy"));
+    assert_eq!(t.get_with_token("/", &token).await.status(), 200);
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let (http, url, token) = (t.http.clone(), t.url("/slow/500"), token.clone());
+        tasks.push(tokio::spawn(async move {
+            http.get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let crate::helpers::TestApp {
+        app,
+        issuer: _issuer,
+        upstream: _upstream,
+        ..
+    } = t;
+    app.stop().await.unwrap();
+    for task in tasks {
+        assert_eq!(
+            task.await.unwrap().unwrap(),
+            200,
+            "no request fails because of the shutdown itself"
+        );
+    }
 }

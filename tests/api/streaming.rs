@@ -121,3 +121,24 @@ async fn a_client_sending_headers_slowly_is_disconnected_after_the_header_timeou
     let token = t.issuer.mint(t.issuer.claims_for("patient"));
     assert_eq!(t.get_with_token("/", &token).await.status(), 200);
 }
+
+#[tokio::test]
+async fn a_1_gib_upload_streams_through_without_buffering() {
+    let t = app().start().await;
+    let token = t.issuer.mint(t.issuer.claims_for("big"));
+    let before = peak_rss_kib();
+    let chunk = bytes::Bytes::from(vec![b'g'; 1024 * 1024]);
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(
+        (0..1024).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+    ));
+    let echo = t
+        .echo(t.http.put(t.url("/upload")).bearer_auth(&token).body(body))
+        .await;
+    assert_eq!(echo.status, 200);
+    assert_eq!(echo.body["body_bytes"], 1024u64 * 1024 * 1024);
+    let grown_mib = peak_rss_kib().saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < 64,
+        "peak RSS grew by {grown_mib} MiB while streaming 1 GiB"
+    );
+}
