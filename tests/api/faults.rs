@@ -7,41 +7,7 @@ use entity::{audit_events, memberships, organizations, users};
 use idsync::devkit::{EchoUpstream, LocalIssuer, SigningAlg};
 use sea_orm::{EntityTrait, PaginatorTrait};
 use serde_json::json;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, BufReader};
-
-async fn spawn_idsync(args: &[String]) -> (tokio::process::Child, String) {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_idsync"))
-        .env_clear()
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .args(args)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let proxy = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["message"] == "idsync listening" {
-                return v["proxy"].as_str().unwrap().to_owned();
-            }
-        }
-        panic!("idsync exited before listening");
-    })
-    .await
-    .expect("idsync started");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, proxy)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_idsync_processes_on_one_postgres_make_each_identity_exactly_once() {
@@ -76,8 +42,8 @@ async fn two_idsync_processes_on_one_postgres_make_each_identity_exactly_once() 
     ]
     .map(String::from)
     .to_vec();
-    let (_a, proxy_a) = spawn_idsync(&args).await;
-    let (_b, proxy_b) = spawn_idsync(&args).await;
+    let (_a, proxy_a) = crate::helpers::spawn_binary(&args).await;
+    let (_b, proxy_b) = crate::helpers::spawn_binary(&args).await;
 
     let http = reqwest::Client::new();
     let mut tasks = Vec::new();

@@ -251,3 +251,38 @@ pub async fn assert_error(r: reqwest::Response, status: u16, code: &str) -> Valu
     );
     body
 }
+
+/// Starts the real `idsync` binary (JSON logs, ports chosen by the OS) and returns it with its proxy
+/// address, read from its "idsync listening" log line; its output keeps being drained.
+pub async fn spawn_binary(args: &[String]) -> (tokio::process::Child, String) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_idsync"))
+        .env_clear()
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let proxy = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let v: Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["message"] == "idsync listening" {
+                return v["proxy"].as_str().unwrap().to_owned();
+            }
+        }
+        panic!("idsync exited before listening");
+    })
+    .await
+    .expect("idsync started within 20s");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, proxy)
+}

@@ -10,7 +10,6 @@ use serde_json::json;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -54,48 +53,26 @@ async fn soak_with_key_rotation_upstream_restart_and_database_outage() {
         .port();
     let mut upstream = start_upstream(up_port).await;
 
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_idsync"))
-        .env_clear()
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--log-level",
-            "warn,idsync=info",
-        ])
-        .args([
-            "--upstream",
-            &format!("http://127.0.0.1:{up_port}"),
-            "--issuer",
-            issuer.issuer(),
-            "--database-url",
-            &db.url,
-        ])
-        .args([
-            "--database-timeout",
-            "1s",
-            "--upstream-connect-timeout",
-            "1s",
-            "--jwks-refresh-interval",
-            "5s",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let args: Vec<String> = [
+        "--log-level",
+        "warn,idsync=info",
+        "--upstream",
+        &format!("http://127.0.0.1:{up_port}"),
+        "--issuer",
+        issuer.issuer(),
+        "--database-url",
+        &db.url,
+        "--database-timeout",
+        "1s",
+        "--upstream-connect-timeout",
+        "1s",
+        "--jwks-refresh-interval",
+        "5s",
+    ]
+    .map(String::from)
+    .to_vec();
+    let (child, proxy) = crate::helpers::spawn_binary(&args).await;
     let pid = child.id().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let proxy = loop {
-        let line = lines.next_line().await.unwrap().expect("idsync exited");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["message"] == "idsync listening" {
-            break v["proxy"].as_str().unwrap().to_owned();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
     // 2,000 identities across 40 tenants. Like real clients, each reuses its token until a key rotation,
     // when every token is re-minted with the new key.

@@ -51,47 +51,24 @@ fn every_flag_reads_its_idsync_env_twin() {
 #[tokio::test]
 async fn sigterm_lets_in_flight_requests_finish_and_exits_0() {
     use idsync::devkit::{EchoUpstream, LocalIssuer, SigningAlg};
-    use tokio::io::{AsyncBufReadExt, BufReader};
 
     let issuer = LocalIssuer::start("/realms/acme", SigningAlg::RS256)
         .await
         .unwrap();
     let upstream = EchoUpstream::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_idsync"))
-        .env_clear()
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .args(["--upstream", &upstream.url(), "--issuer", issuer.issuer()])
-        .arg("--database-url")
-        .arg(format!(
-            "sqlite://{}/db.sqlite?mode=rwc",
-            dir.path().display()
-        ))
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let proxy = tokio::time::timeout(std::time::Duration::from_secs(20), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["message"] == "idsync listening" {
-                return v["proxy"].as_str().unwrap().to_owned();
-            }
-        }
-        panic!("idsync exited before listening");
-    })
-    .await
-    .expect("idsync did not start in 20s");
-    // Keep draining logs so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let db = format!("sqlite://{}/db.sqlite?mode=rwc", dir.path().display());
+    let args: Vec<String> = [
+        "--upstream",
+        &upstream.url(),
+        "--issuer",
+        issuer.issuer(),
+        "--database-url",
+        &db,
+    ]
+    .map(String::from)
+    .to_vec();
+    let (mut child, proxy) = crate::helpers::spawn_binary(&args).await;
 
     let token = issuer.mint(issuer.claims_for("drain-me"));
     let http = reqwest::Client::new();
