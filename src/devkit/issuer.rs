@@ -245,29 +245,24 @@ impl LocalIssuer {
 
     /// Signs header and payload text byte for byte (e.g. JSON with duplicate keys, which `Value` cannot hold).
     pub fn sign_text_with(&self, kid: &str, header: &str, payload: &str) -> String {
-        let key = self.key(kid);
-        let message = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(header),
-            URL_SAFE_NO_PAD.encode(payload)
-        );
-        let signature =
-            jsonwebtoken::crypto::sign(message.as_bytes(), &key.encoding, key.alg.jwt())
-                .expect("signing with a generated key works");
-        format!("{message}.{signature}")
+        sign_text(&self.key(kid), header, payload)
     }
 
     fn sign_with(&self, key: &Key, header: &Value, claims: &Value) -> String {
-        let message = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(header.to_string()),
-            URL_SAFE_NO_PAD.encode(claims.to_string())
-        );
-        let signature =
-            jsonwebtoken::crypto::sign(message.as_bytes(), &key.encoding, key.alg.jwt())
-                .expect("signing with a generated key works");
-        format!("{message}.{signature}")
+        sign_text(key, &header.to_string(), &claims.to_string())
     }
+}
+
+/// Compact JWS over the given header and payload text.
+fn sign_text(key: &Key, header: &str, payload: &str) -> String {
+    let message = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header),
+        URL_SAFE_NO_PAD.encode(payload)
+    );
+    let signature = jsonwebtoken::crypto::sign(message.as_bytes(), &key.encoding, key.alg.jwt())
+        .expect("signing with a generated key works");
+    format!("{message}.{signature}")
 }
 
 fn pem(label: &str, der: &[u8]) -> String {

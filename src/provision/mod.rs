@@ -122,14 +122,6 @@ pub struct Provisioner {
     sqlite_writer: Option<tokio::sync::Mutex<()>>,
 }
 
-fn key(parts: &[&str]) -> Key {
-    let joined = parts.join("\u{0}");
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, joined.as_bytes());
-    let mut k = [0u8; 32];
-    k.copy_from_slice(d.as_ref());
-    k
-}
-
 impl Provisioner {
     pub fn new(db: DatabaseConnection, opts: SyncOptions) -> Self {
         let synced = Cache::builder()
@@ -175,7 +167,7 @@ impl Provisioner {
             _ => None,
         };
         let tenant_id = tenant.as_ref().map(|(t, _)| t.id.as_str());
-        let cache_key = key(&[
+        let cache_key = naming::digest_parts(&[
             &identity.issuer,
             subject.unwrap_or(""),
             tenant_id.unwrap_or(""),
@@ -319,7 +311,7 @@ impl Provisioner {
         user: &str,
         tenant: &str,
     ) -> Result<bool, DbErr> {
-        let k = key(&[issuer, user, tenant, "member"]);
+        let k = naming::digest_parts(&[issuer, user, tenant, "member"]);
         if self.members.contains_key(&k) {
             return Ok(true);
         }

@@ -1,6 +1,6 @@
 //! Names derived from IdP ids: organization slugs and per-tenant PostgreSQL schema names.
 
-use aws_lc_rs::digest::{SHA256, digest};
+use aws_lc_rs::digest::{Context, SHA256};
 
 const MAX_SLUG: usize = 48;
 
@@ -20,11 +20,24 @@ pub fn slugify(text: &str) -> String {
     out.trim_end_matches('-').to_owned()
 }
 
+/// SHA-256 of `parts` separated by NUL (so ("a", "bc") and ("ab", "c") differ), hashed piece by piece
+/// without building a joined string: this keys the sync cache on every request.
+pub fn digest_parts(parts: &[&str]) -> [u8; 32] {
+    let mut ctx = Context::new(&SHA256);
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            ctx.update(&[0]);
+        }
+        ctx.update(p.as_bytes());
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
 /// Short stable hex digest of `parts`, for disambiguation and deterministic ids.
 pub fn short_hash(parts: &[&str], hex_len: usize) -> String {
-    let joined = parts.join("\u{0}");
-    let d = digest(&SHA256, joined.as_bytes());
-    d.as_ref()
+    digest_parts(parts)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect::<String>()[..hex_len]
@@ -81,6 +94,16 @@ mod tests {
         assert_eq!(slug_candidates("李", "38394337-9aff")[0], "38394337-9aff");
         assert_eq!(slug_candidates("", "")[0], "org");
         assert!(slug_candidates("acme", "id-1")[1].starts_with("acme-"));
+    }
+
+    #[test]
+    fn digest_parts_equals_the_digest_of_the_nul_joined_text() {
+        let joined = aws_lc_rs::digest::digest(&SHA256, b"iss\0sub\0tenant");
+        assert_eq!(
+            digest_parts(&["iss", "sub", "tenant"]).as_slice(),
+            joined.as_ref()
+        );
+        assert_ne!(digest_parts(&["a", "bc"]), digest_parts(&["ab", "c"]));
     }
 
     #[test]
