@@ -1,8 +1,11 @@
 //! The load benchmark: run with `bench/load.sh` (it builds the release binaries and installs wrk).
 //! Starts, on loopback only, a fast upstream, a local issuer with generated keys, the pass-through
 //! baseline and idsync (as separate processes, so their CPU and memory are their own), pre-mints tokens
-//! for N users across M tenants, and drives each scenario with wrk for a bounded time. Prints requests/s,
-//! latency percentiles, errors, idsync's CPU seconds and peak RSS, and ratios against the baseline.
+//! for N users across M tenants, and drives each scenario with wrk for a bounded time: 1 direct, 2 baseline,
+//! 3 idsync warm, 4 no token cache, 5 cold (as fast as possible, then at a fixed rate), 6 everything warm at
+//! a fixed rate of half the baseline's maximum, 7 memory with 100,000 cached identities. Prints requests/s,
+//! latency percentiles, errors, idsync's CPU seconds and peak RSS, ratios against the baseline, and each
+//! issue-5 target as met or missed.
 
 use idsync::devkit::{LocalIssuer, SigningAlg};
 use serde_json::{Value, json};
@@ -18,6 +21,12 @@ struct Opts {
     users: usize,
     tenants: usize,
     cold_tokens: usize,
+    /// Offered load for the fixed-rate cold run (the target's rate).
+    cold_rate: f64,
+    /// Fixed rate for scenario 6; default half of scenario 2's maximum from the same run.
+    rate: Option<f64>,
+    memory_users: usize,
+    scenarios: Vec<u8>,
     postgres: Option<String>,
 }
 
@@ -29,6 +38,10 @@ fn opts() -> Opts {
         users: 1000,
         tenants: 50,
         cold_tokens: 40_000,
+        cold_rate: 2000.0,
+        rate: None,
+        memory_users: 100_000,
+        scenarios: (1..=7).collect(),
         postgres: std::env::var("IDSYNC_BENCH_POSTGRES_URL").ok(),
     };
     let args: Vec<String> = std::env::args().collect();
@@ -41,6 +54,12 @@ fn opts() -> Opts {
             "--users" => o.users = v.parse().unwrap_or(o.users),
             "--tenants" => o.tenants = v.parse().unwrap_or(o.tenants),
             "--cold-tokens" => o.cold_tokens = v.parse().unwrap_or(o.cold_tokens),
+            "--cold-rate" => o.cold_rate = v.parse().unwrap_or(o.cold_rate),
+            "--rate" => o.rate = v.parse().ok(),
+            "--memory-users" => o.memory_users = v.parse().unwrap_or(o.memory_users),
+            "--scenarios" => {
+                o.scenarios = v.split(',').filter_map(|n| n.trim().parse().ok()).collect()
+            }
             "--postgres" => o.postgres = Some(v),
             _ => {
                 i += 1;
@@ -52,14 +71,24 @@ fn opts() -> Opts {
     o
 }
 
+/// One script for every scenario. `TOKENS` rotates bearer tokens (threads take disjoint ones, so a cold
+/// run never repeats one until the list is used up). `RATE` (requests/s over all threads) paces sends on a
+/// schedule, wrk2-style: each send claims the next slot of its thread's schedule and waits for it, so the
+/// offered load does not fall when responses slow down (behind schedule, sends go at once). wrk times a
+/// request from its actual send, with millisecond timer resolution for the pacing itself.
 const LUA: &str = r#"
+local ffi = require("ffi")
+ffi.cdef[[ typedef struct { long tv_sec; long tv_nsec; } idsync_ts; int clock_gettime(int, idsync_ts*); ]]
+local ts = ffi.new("idsync_ts")
+local function now_ms()
+  ffi.C.clock_gettime(1, ts)
+  return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
+end
 local tokens = {}
 local counter = 0
-local threads = {}
 function setup(thread)
   thread:set("id", counter)
   counter = counter + 1
-  table.insert(threads, thread)
 end
 function init(args)
   id = wrk.thread:get("id")
@@ -68,12 +97,13 @@ function init(args)
   if path ~= nil and path ~= "" then
     for line in io.lines(path) do tokens[#tokens + 1] = line end
   end
+  local rate = tonumber(os.getenv("RATE") or "")
+  if rate ~= nil and rate > 0 then interval_ms = 1000 * nthreads / rate end
   i = 0
 end
 function request()
   i = i + 1
   if #tokens == 0 then return wrk.format("GET", "/") end
-  -- Threads take disjoint tokens, so a cold run never repeats one until the list is used up.
   local n = ((i - 1) * nthreads + id) % #tokens + 1
   return wrk.format("GET", "/", {["Authorization"] = "Bearer " .. tokens[n]})
 end
@@ -82,6 +112,20 @@ function done(summary, latency, requests)
   io.write(string.format('RESULT {"requests":%d,"duration_us":%d,"socket_errors":%d,"non2xx":%d,"p50":%d,"p90":%d,"p99":%d,"max":%d}\n',
     summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
     latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"#;
+
+/// Appended for fixed-rate runs only: wrk sends through a timer whenever a script defines `delay`, which
+/// would cost the unpaced runs throughput.
+const LUA_PACE: &str = r#"
+function delay()
+  if interval_ms == nil then return 0 end
+  local t = now_ms()
+  if next_at == nil then next_at = t end
+  local wait = next_at - t
+  next_at = next_at + interval_ms
+  if wait < 1 then return 0 end
+  return math.floor(wait)
 end
 "#;
 
@@ -187,15 +231,22 @@ struct Run {
     rss_mib: Option<f64>,
 }
 
+/// One bounded wrk run. `rate`: fixed offered load (requests/s) instead of as fast as possible.
 fn wrk(
     name: &str,
     url: &str,
     tokens: Option<&Path>,
     o: &Opts,
     pid: Option<u32>,
-    script: &Path,
+    scripts: &Scripts,
+    rate: Option<f64>,
 ) -> Run {
     let before = pid.map(usage);
+    let script = if rate.is_some() {
+        &scripts.paced
+    } else {
+        &scripts.max
+    };
     let out = Command::new("wrk")
         .args([
             "-t",
@@ -217,6 +268,7 @@ fn wrk(
                 .unwrap_or_default(),
         )
         .env("WRK_THREADS", o.threads.to_string())
+        .env("RATE", rate.map(|r| r.to_string()).unwrap_or_default())
         .output()
         .expect("wrk is installed by bench/load.sh");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -238,6 +290,11 @@ fn wrk(
         cpu: before.zip(after).map(|(b, a)| a.0 - b.0),
         rss_mib: after.map(|a| a.1 as f64 / 1024.0),
     }
+}
+
+struct Scripts {
+    max: PathBuf,
+    paced: PathBuf,
 }
 
 fn write_lines(path: &Path, lines: &[String]) {
@@ -280,12 +337,37 @@ async fn fresh_postgres(admin_url: &str) -> String {
     u.to_string()
 }
 
+/// A proxy under test that stays up across scenarios.
+struct Target {
+    label: &'static str,
+    url: String,
+    proc: Option<Proc>,
+}
+
+impl Target {
+    fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.0.id())
+    }
+}
+
+async fn start_idsync(upstream: &str, issuer: &str, db: &str, extra: &[&str]) -> (Proc, String) {
+    let (p, addrs) = spawn_idsync(upstream, issuer, db, extra);
+    let (proxy, admin) = addrs.split_once('|').unwrap();
+    wait_http(&format!("http://{admin}/readyz")).await;
+    (p, format!("http://{proxy}"))
+}
+
 #[tokio::main]
 async fn main() {
     let o = opts();
+    let on = |n: u8| o.scenarios.contains(&n);
     let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("bench.lua");
-    std::fs::write(&script, LUA).unwrap();
+    let scripts = Scripts {
+        max: dir.path().join("max.lua"),
+        paced: dir.path().join("paced.lua"),
+    };
+    std::fs::write(&scripts.max, LUA).unwrap();
+    std::fs::write(&scripts.paced, format!("{LUA}{LUA_PACE}")).unwrap();
 
     // A fast upstream: 200 with a small body.
     let up_port = free_port();
@@ -314,128 +396,220 @@ async fn main() {
         c["realm_access"] = json!({"roles": ["member"]});
         c
     };
-    let warm: Vec<String> = (0..o.users)
-        .map(|u| issuer.mint(claims(format!("user-{u}"), u % o.tenants)))
-        .collect();
-    let uncached: Vec<String> = (0..o.users)
-        .map(|u| issuer.mint_with_kid(&rs_kid, claims(format!("user-{u}"), u % o.tenants)))
-        .collect();
-    println!("minting {} cold tokens...", o.cold_tokens);
-    let cold: Vec<String> = (0..o.cold_tokens)
-        .map(|u| issuer.mint(claims(format!("cold-{u}"), u % o.tenants)))
-        .collect();
-    let (warm_file, uncached_file, cold_file) = (
-        dir.path().join("warm"),
-        dir.path().join("uncached"),
-        dir.path().join("cold"),
-    );
-    write_lines(&warm_file, &warm);
-    write_lines(&uncached_file, &uncached);
-    write_lines(&cold_file, &cold);
+    let mint_file = |name: &str, n: usize, kid: Option<&str>| -> (PathBuf, Vec<String>) {
+        let tokens: Vec<String> = (0..n)
+            .map(|u| {
+                let c = claims(format!("{name}-{u}"), u % o.tenants);
+                match kid {
+                    Some(k) => issuer.mint_with_kid(k, c),
+                    None => issuer.mint(c),
+                }
+            })
+            .collect();
+        let path = dir.path().join(name);
+        write_lines(&path, &tokens);
+        (path, tokens)
+    };
+    let (warm_file, warm) = mint_file("user", o.users, None);
 
-    let mut runs: Vec<Run> = Vec::new();
-    println!("1. direct");
-    runs.push(wrk(
-        "1 direct to upstream",
-        &upstream_url,
-        None,
-        &o,
-        None,
-        &script,
-    ));
-
-    println!("2. pass-through baseline");
-    let pt_port = free_port();
-    let pt = Proc(
-        Command::new(target_dir().join("examples/passthrough"))
-            .args([format!("127.0.0.1:{pt_port}"), upstream_url.clone()])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("run bench/load.sh, which builds the passthrough example"),
-    );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    runs.push(wrk(
-        "2 pass-through baseline",
-        &format!("http://127.0.0.1:{pt_port}"),
-        None,
-        &o,
-        Some(pt.0.id()),
-        &script,
-    ));
-    drop(pt);
-
-    let mut databases = vec![(
+    let mut databases: Vec<(&'static str, String)> = vec![(
         "SQLite",
         format!("sqlite://{}/bench.db?mode=rwc", dir.path().display()),
     )];
     if let Some(pg) = &o.postgres {
         databases.push(("PostgreSQL", fresh_postgres(pg).await));
     }
-    for (label, db) in &databases {
-        println!("3. idsync warm path on {label}");
-        let (p, addrs) = spawn_idsync(&upstream_url, issuer.issuer(), db, &[]);
-        let (proxy, admin) = addrs.split_once('|').unwrap();
-        wait_http(&format!("http://{admin}/readyz")).await;
-        prime(&format!("http://{proxy}/"), &warm).await;
-        runs.push(wrk(
-            &format!("3 idsync warm ({label})"),
-            &format!("http://{proxy}"),
-            Some(&warm_file),
-            &o,
-            Some(p.0.id()),
-            &script,
-        ));
+
+    let mut runs: Vec<Run> = Vec::new();
+    let direct = Target {
+        label: "direct to upstream",
+        url: upstream_url.clone(),
+        proc: None,
+    };
+    let pt_port = free_port();
+    let baseline = Target {
+        label: "pass-through baseline",
+        url: format!("http://127.0.0.1:{pt_port}"),
+        proc: Some(Proc(
+            Command::new(target_dir().join("examples/passthrough"))
+                .args([format!("127.0.0.1:{pt_port}"), upstream_url.clone()])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("run bench/load.sh, which builds the passthrough example"),
+        )),
+    };
+    wait_http(&baseline.url).await;
+    let mut warm_targets: Vec<Target> = Vec::new();
+    if on(3) || on(6) {
+        for (label, db) in &databases {
+            let (p, url) = start_idsync(&upstream_url, issuer.issuer(), db, &[]).await;
+            prime(&format!("{url}/"), &warm).await;
+            warm_targets.push(Target {
+                label,
+                url,
+                proc: Some(p),
+            });
+        }
     }
 
-    println!("4. idsync, token cache disabled (RS256 verify per request)");
-    {
+    if on(1) {
+        println!("1. direct");
+        runs.push(wrk(
+            "1 direct to upstream",
+            &direct.url,
+            None,
+            &o,
+            None,
+            &scripts,
+            None,
+        ));
+    }
+    let mut baseline_rps = o.rate.map(|r| r * 2.0);
+    if on(2) {
+        println!("2. pass-through baseline");
+        let run = wrk(
+            "2 pass-through baseline",
+            &baseline.url,
+            None,
+            &o,
+            baseline.pid(),
+            &scripts,
+            None,
+        );
+        baseline_rps = baseline_rps.or(Some(run.rps));
+        runs.push(run);
+    }
+    if on(3) {
+        for t in &warm_targets {
+            println!("3. idsync warm path on {}", t.label);
+            runs.push(wrk(
+                &format!("3 idsync warm ({})", t.label),
+                &t.url,
+                Some(&warm_file),
+                &o,
+                t.pid(),
+                &scripts,
+                None,
+            ));
+        }
+    }
+
+    if on(4) {
+        println!("4. idsync, token cache disabled (RS256 verify per request)");
+        let (file, tokens) = mint_file("rs256-user", o.users, Some(&rs_kid));
         let db = format!(
             "sqlite://{}/bench-nocache.db?mode=rwc",
             dir.path().display()
         );
-        let (p, addrs) = spawn_idsync(
+        let (p, url) = start_idsync(
             &upstream_url,
             issuer.issuer(),
             &db,
             &["--token-cache-size", "0"],
-        );
-        let (proxy, admin) = addrs.split_once('|').unwrap();
-        wait_http(&format!("http://{admin}/readyz")).await;
-        prime(&format!("http://{proxy}/"), &uncached).await;
+        )
+        .await;
+        prime(&format!("{url}/"), &tokens).await;
         runs.push(wrk(
             "4 idsync no token cache (SQLite)",
-            &format!("http://{proxy}"),
-            Some(&uncached_file),
+            &url,
+            Some(&file),
             &o,
             Some(p.0.id()),
-            &script,
+            &scripts,
+            None,
         ));
     }
 
-    for (label, _) in &databases {
-        println!("5. idsync cold path on {label}");
-        let db = if *label == "SQLite" {
-            format!("sqlite://{}/bench-cold.db?mode=rwc", dir.path().display())
-        } else {
-            fresh_postgres(o.postgres.as_ref().unwrap()).await
-        };
-        let (p, addrs) = spawn_idsync(&upstream_url, issuer.issuer(), &db, &[]);
-        let (proxy, admin) = addrs.split_once('|').unwrap();
-        wait_http(&format!("http://{admin}/readyz")).await;
-        let run = wrk(
-            &format!("5 idsync cold, new identities ({label})"),
-            &format!("http://{proxy}"),
-            Some(&cold_file),
-            &o,
-            Some(p.0.id()),
-            &script,
-        );
-        if run.rps * o.duration as f64 > o.cold_tokens as f64 {
-            println!(
-                "   note: more requests than cold tokens; the tail of this run reused identities"
+    let mut cold_paced: Vec<(String, Run)> = Vec::new();
+    if on(5) {
+        println!("minting {} cold tokens per database...", o.cold_tokens);
+        let paced_count = (o.cold_rate * o.duration as f64 * 1.1) as usize;
+        for (label, _) in &databases {
+            println!("5. idsync cold path on {label}");
+            let db = if *label == "SQLite" {
+                format!("sqlite://{}/bench-cold.db?mode=rwc", dir.path().display())
+            } else {
+                fresh_postgres(o.postgres.as_ref().unwrap()).await
+            };
+            let (file, _) = mint_file(&format!("cold-{label}"), o.cold_tokens, None);
+            let (p, url) = start_idsync(&upstream_url, issuer.issuer(), &db, &[]).await;
+            let run = wrk(
+                &format!("5 idsync cold, new identities ({label})"),
+                &url,
+                Some(&file),
+                &o,
+                Some(p.0.id()),
+                &scripts,
+                None,
             );
+            if run.rps * o.duration as f64 > o.cold_tokens as f64 {
+                println!(
+                    "   note: more requests than cold tokens; the tail of this run reused identities"
+                );
+            }
+            runs.push(run);
+            let (file, _) = mint_file(&format!("paced-{label}"), paced_count, None);
+            let run = wrk(
+                &format!("5 idsync cold at {:.0}/s ({label})", o.cold_rate),
+                &url,
+                Some(&file),
+                &o,
+                Some(p.0.id()),
+                &scripts,
+                Some(o.cold_rate),
+            );
+            cold_paced.push((label.to_string(), run.clone()));
+            runs.push(run);
         }
-        runs.push(run);
+    }
+
+    let mut fixed: Vec<Run> = Vec::new();
+    if on(6) {
+        let rate = (baseline_rps.expect("scenario 6 needs scenario 2 or --rate") / 2.0).round();
+        println!("6. fixed rate: {rate:.0} requests/s");
+        let mut targets: Vec<(&Target, Option<&Path>)> = vec![(&direct, None), (&baseline, None)];
+        targets.extend(warm_targets.iter().map(|t| (t, Some(warm_file.as_path()))));
+        for (t, tokens) in targets {
+            let name = match t.label {
+                "SQLite" | "PostgreSQL" => format!("6 at {rate:.0}/s: idsync warm ({})", t.label),
+                other => format!("6 at {rate:.0}/s: {other}"),
+            };
+            let run = wrk(&name, &t.url, tokens, &o, t.pid(), &scripts, Some(rate));
+            fixed.push(run.clone());
+            runs.push(run);
+        }
+    }
+    drop(warm_targets);
+    drop(baseline);
+
+    let mut memory: Option<(f64, f64, f64)> = None;
+    if on(7) {
+        let (label, db) = match &o.postgres {
+            Some(pg) => ("PostgreSQL", fresh_postgres(pg).await),
+            None => (
+                "SQLite",
+                format!("sqlite://{}/bench-memory.db?mode=rwc", dir.path().display()),
+            ),
+        };
+        println!(
+            "7. memory: {} distinct identities through one idsync ({label}); minting...",
+            o.memory_users
+        );
+        let (_, tokens) = mint_file("memory", o.memory_users, None);
+        let (p, url) = start_idsync(&upstream_url, issuer.issuer(), &db, &[]).await;
+        let started = std::time::Instant::now();
+        let idle = usage(p.0.id()).1 as f64 / 1024.0;
+        prime(&format!("{url}/"), &tokens).await;
+        let took = started.elapsed().as_secs_f64();
+        // A second pass must be served from the caches: same tokens, no new rows.
+        prime(&format!("{url}/"), &tokens[..tokens.len().min(10_000)]).await;
+        let peak = usage(p.0.id()).1 as f64 / 1024.0;
+        println!(
+            "   {} identities synced in {took:.0} s ({:.0}/s)",
+            tokens.len(),
+            tokens.len() as f64 / took
+        );
+        memory = Some((idle, peak, current_rss(p.0.id())));
     }
 
     println!();
@@ -456,21 +630,17 @@ async fn main() {
         o.threads, o.connections, o.duration, o.users, o.tenants
     );
     println!();
-    let baseline = runs
-        .iter()
-        .find(|r| r.name.starts_with('2'))
-        .map(|r| r.rps)
-        .unwrap_or(1.0);
+    let base = runs.iter().find(|r| r.name.starts_with('2')).map(|r| r.rps);
     println!(
-        "{:<42} {:>10} {:>7} {:>8} {:>8} {:>8} {:>9} {:>7} {:>8} {:>8}",
+        "{:<44} {:>10} {:>7} {:>8} {:>8} {:>8} {:>9} {:>7} {:>8} {:>8}",
         "scenario", "req/s", "x base", "p50", "p90", "p99", "max", "errors", "cpu s", "RSS MiB"
     );
     for r in &runs {
         println!(
-            "{:<42} {:>10.0} {:>7.2} {:>8.0} {:>8.0} {:>8.0} {:>9.0} {:>7} {:>8} {:>8}",
+            "{:<44} {:>10.0} {:>7} {:>8.0} {:>8.0} {:>8.0} {:>9.0} {:>7} {:>8} {:>8}",
             r.name,
             r.rps,
-            r.rps / baseline,
+            base.map_or("-".into(), |b| format!("{:.2}", r.rps / b)),
             r.p50,
             r.p90,
             r.p99,
@@ -480,4 +650,74 @@ async fn main() {
             r.rss_mib.map_or("-".into(), |m| format!("{m:.1}")),
         );
     }
+
+    println!();
+    println!("targets (issue 5):");
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    if let Some(b) = base {
+        for r in runs.iter().filter(|r| r.name.starts_with("3 ")) {
+            let x = r.rps / b;
+            println!(
+                "  warm throughput >= 0.90x baseline   {:<30} {x:.2}x  {}",
+                r.name.trim_start_matches("3 "),
+                verdict(x >= 0.9)
+            );
+        }
+    }
+    if let Some(d) = fixed.first() {
+        for r in fixed.iter().filter(|r| r.name.contains("idsync")) {
+            let (p50, p99) = (r.p50 - d.p50, r.p99 - d.p99);
+            println!(
+                "  added latency p50 <= 100us, p99 <= 1ms {:<27} p50 {p50:+.0}us p99 {p99:+.0}us at {:.0}/s achieved  {}",
+                r.name.split(": ").nth(1).unwrap_or(&r.name),
+                r.rps,
+                verdict(p50 <= 100.0 && p99 <= 1000.0)
+            );
+        }
+    }
+    for r in runs
+        .iter()
+        .filter(|r| r.name.starts_with("5 idsync cold, new"))
+    {
+        println!(
+            "  cold new identities/s (max)          {:<30} {:.0}/s  p99 {:.1} ms at {} connections",
+            r.name.trim_start_matches("5 idsync cold, new identities "),
+            r.rps,
+            r.p99 / 1000.0,
+            o.connections
+        );
+    }
+    for (label, r) in &cold_paced {
+        println!(
+            "  cold >= 2000/s with p99 <= 10ms      ({label}) offered {:.0}/s, achieved {:.0}/s, p99 {:.1} ms  {}",
+            o.cold_rate,
+            r.rps,
+            r.p99 / 1000.0,
+            verdict(
+                r.rps >= 0.97 * 2000.0
+                    && o.cold_rate >= 2000.0
+                    && r.p99 <= 10_000.0
+                    && r.errors == 0
+            )
+        );
+    }
+    if let Some((idle, peak, now)) = memory {
+        println!(
+            "  peak RSS <= 64 MiB with {} cached    idle {idle:.1} MiB, peak {peak:.1} MiB, now {now:.1} MiB  {}",
+            o.memory_users,
+            verdict(peak <= 64.0 && o.memory_users >= 100_000)
+        );
+    }
+}
+
+/// Current (not peak) RSS in MiB.
+fn current_rss(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
 }
