@@ -1,0 +1,170 @@
+//! Heap bytes per cached identity: `cargo bench --bench memory [-- N]`. A counting allocator measures,
+//! exactly and without the allocator's own slack, what N verified tokens (token cache) and N synced
+//! identities (sync cache and last-login bookkeeping) hold, so a change to either cache shows up as bytes
+//! per entry rather than as a noisy RSS figure. The load benchmark's scenario 7 gives the RSS side.
+
+use idsync::devkit::{LocalIssuer, SigningAlg};
+use idsync::http::auth::{Authenticator, unix_now};
+use idsync::identity::{ClaimPath, Dialect, MappingRules, RoleMap};
+use idsync::oidc::{
+    IdpClient, IssuerKeys, KeyCacheOptions, KeySource, TrustedIssuer, Verifier, VerifyOptions,
+};
+use idsync::provision::{MissingTenant, Provisioner, SyncOptions};
+use serde_json::json;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
+use std::time::Duration;
+
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only counts the sizes it was asked for.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size() as isize, Relaxed);
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size() as isize, Relaxed);
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        LIVE.fetch_add(new as isize - l.size() as isize, Relaxed);
+        unsafe { System.realloc(p, l, new) }
+    }
+}
+
+#[global_allocator]
+static A: Counting = Counting;
+
+fn live() -> isize {
+    LIVE.load(Relaxed)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let n: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(20_000);
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = LocalIssuer::start("/realms/bench", SigningAlg::ES256)
+        .await
+        .unwrap();
+    let path = dir.path().join("jwks.json");
+    std::fs::write(&path, issuer.jwks_document().to_string()).unwrap();
+    let keys = Arc::new(IssuerKeys::new(
+        issuer.issuer().into(),
+        KeySource::File(path),
+        IdpClient::new(None, Duration::from_secs(5)).unwrap(),
+        KeyCacheOptions {
+            refresh_interval: Duration::from_secs(600),
+            refetch_cooldown: Duration::from_secs(30),
+            max_stale: Duration::from_secs(86400),
+            file_poll: Duration::from_secs(5),
+        },
+    ));
+    keys.load_now().await.unwrap();
+    let verifier = Verifier::new(
+        vec![TrustedIssuer {
+            issuer: issuer.issuer().into(),
+            audiences: vec![],
+            keys,
+        }],
+        VerifyOptions {
+            leeway_secs: 60,
+            max_token_bytes: 16384,
+        },
+    );
+    let rules = MappingRules {
+        dialect: Dialect::Keycloak,
+        tenant_claim: ClaimPath::new("tenant_id").unwrap(),
+        roles_claim: ClaimPath::new("roles").unwrap(),
+    };
+    let auth = Authenticator::new(verifier, vec![rules], n as u64 * 2);
+    let db_url = format!("sqlite://{}/memory.db?mode=rwc", dir.path().display());
+    let mut opts = sea_orm::ConnectOptions::new(db_url);
+    opts.max_connections(1).sqlx_logging(false);
+    let db = sea_orm::Database::connect(opts).await.unwrap();
+    // A file, not `:memory:`, so rows are not counted as cache; durability is irrelevant to this probe.
+    sea_orm::ConnectionTrait::execute_unprepared(&db, "PRAGMA synchronous = OFF")
+        .await
+        .unwrap();
+    <migration::Migrator as migration::MigratorTrait>::up(&db, None)
+        .await
+        .unwrap();
+    let app_roles: Vec<String> = ["admin", "member", "viewer"].map(String::from).to_vec();
+    let provisioner = Provisioner::new(
+        db,
+        SyncOptions {
+            roles: RoleMap::new(&app_roles, &[], "member").unwrap(),
+            missing_tenant: MissingTenant::Reject,
+            tenant_schema: None,
+            cache_size: n as u64 * 2,
+            cache_ttl: Duration::from_secs(300),
+            last_seen_interval: Duration::from_secs(300),
+        },
+    );
+    // The load benchmark's token shape: a Keycloak access token with a tenant, an email and one role.
+    let tokens: Vec<String> = (0..n)
+        .map(|u| {
+            let mut c = issuer.claims_for(&format!("user-{u}"));
+            c["exp"] = json!(unix_now() + 3600);
+            c["tenant_id"] = json!(format!("tenant-{}", u % 50));
+            c["email"] = json!(format!("user-{u}@example.com"));
+            c["realm_access"] = json!({"roles": ["member"]});
+            issuer.mint(c)
+        })
+        .collect();
+
+    // The cache itself: what one moka entry costs before any payload.
+    let bare = live();
+    let probe: moka::future::Cache<[u8; 32], ()> = moka::future::Cache::builder()
+        .max_capacity(n as u64 * 2)
+        .time_to_live(Duration::from_secs(300))
+        .build();
+    for i in 0..n {
+        let mut k = [0u8; 32];
+        k[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        probe.insert(k, ()).await;
+    }
+    probe.run_pending_tasks().await;
+    let moka_entry = (live() - bare) as f64 / n as f64;
+    drop(probe);
+
+    let start = live();
+    let mut identities = Vec::with_capacity(n);
+    for t in &tokens {
+        identities.push(auth.authenticate(t, unix_now()).await.unwrap());
+    }
+    let held_by_vec = (identities.capacity() * std::mem::size_of::<usize>()) as isize;
+    let after_tokens = live() - held_by_vec;
+    for id in &identities {
+        provisioner.sync(&id.identity, None).await.unwrap();
+    }
+    let after_sync = live() - held_by_vec;
+    // Give moka's deferred housekeeping a chance, then measure again: what stays is what is held.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for t in tokens.iter().take(10) {
+        auth.authenticate(t, unix_now()).await.unwrap();
+    }
+    let settled = live() - held_by_vec;
+    let per = |b: isize| b as f64 / n as f64;
+    println!("{n} identities, heap bytes requested (allocator overhead not included)");
+    println!("  one bare moka entry (32-byte key, no value): {moka_entry:>5.0} bytes");
+    println!(
+        "  token cache (verified token -> identity):  {:>7.0} bytes per entry",
+        per(after_tokens - start)
+    );
+    println!(
+        "  sync cache + last-login bookkeeping:       {:>7.0} bytes per identity",
+        per(after_sync - after_tokens)
+    );
+    println!(
+        "  all, after housekeeping:                   {:>7.0} bytes per identity ({:.1} MiB for 100,000)",
+        per(settled - start),
+        per(settled - start) * 100_000.0 / 1_048_576.0
+    );
+}
