@@ -169,7 +169,15 @@ fn usage(pid: u32) -> (f64, u64) {
 struct Proc(Child);
 
 impl Drop for Proc {
+    /// SIGTERM first, so idsync shuts down as in production (and a profiler wrapper writes its output).
     fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        for _ in 0..100 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -177,7 +185,7 @@ impl Drop for Proc {
 
 async fn wait_http(url: &str) {
     let http = reqwest::Client::new();
-    for _ in 0..200 {
+    for _ in 0..1200 {
         if http
             .get(url)
             .send()
@@ -193,7 +201,18 @@ async fn wait_http(url: &str) {
 
 fn spawn_idsync(upstream: &str, issuer: &str, db: &str, extra: &[&str]) -> (Proc, String) {
     let (port, admin) = (free_port(), free_port());
-    let child = Command::new(target_dir().join("idsync"))
+    // IDSYNC_BENCH_WRAPPER runs idsync under a profiler, e.g. "valgrind --tool=callgrind".
+    let wrapper = std::env::var("IDSYNC_BENCH_WRAPPER").unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(target_dir().join("idsync"));
+            c
+        }
+        None => Command::new(target_dir().join("idsync")),
+    };
+    let child = command
         .env_clear()
         .args([
             "--listen",
@@ -457,7 +476,7 @@ async fn main() {
         runs.push(wrk(
             "1 direct to upstream",
             &direct.url,
-            None,
+            Some(&warm_file),
             &o,
             None,
             &scripts,
@@ -470,7 +489,7 @@ async fn main() {
         let run = wrk(
             "2 pass-through baseline",
             &baseline.url,
-            None,
+            Some(&warm_file),
             &o,
             baseline.pid(),
             &scripts,
@@ -567,14 +586,22 @@ async fn main() {
     if on(6) {
         let rate = (baseline_rps.expect("scenario 6 needs scenario 2 or --rate") / 2.0).round();
         println!("6. fixed rate: {rate:.0} requests/s");
-        let mut targets: Vec<(&Target, Option<&Path>)> = vec![(&direct, None), (&baseline, None)];
-        targets.extend(warm_targets.iter().map(|t| (t, Some(warm_file.as_path()))));
-        for (t, tokens) in targets {
+        // Every target gets the same requests, tokens included: only the proxy differs.
+        let targets = [&direct, &baseline].into_iter().chain(warm_targets.iter());
+        for t in targets {
             let name = match t.label {
                 "SQLite" | "PostgreSQL" => format!("6 at {rate:.0}/s: idsync warm ({})", t.label),
                 other => format!("6 at {rate:.0}/s: {other}"),
             };
-            let run = wrk(&name, &t.url, tokens, &o, t.pid(), &scripts, Some(rate));
+            let run = wrk(
+                &name,
+                &t.url,
+                Some(&warm_file),
+                &o,
+                t.pid(),
+                &scripts,
+                Some(rate),
+            );
             fixed.push(run.clone());
             runs.push(run);
         }

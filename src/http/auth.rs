@@ -110,6 +110,16 @@ impl Authenticator {
             cache.invalidate(key).await;
         }
         metrics::counter!("idsync_token_cache_total", "outcome" => "miss").increment(1);
+        // Boxed for the same reason as sync's database path: a cache hit's future stays small.
+        Box::pin(self.verify_and_map(token, now, key)).await
+    }
+
+    async fn verify_and_map(
+        &self,
+        token: &str,
+        now: i64,
+        key: Option<TokenKey>,
+    ) -> Result<Arc<Authenticated>, ApiError> {
         let started = std::time::Instant::now();
         let verified = self.verifier.verify(token, now).await;
         metrics::histogram!("idsync_verify_seconds").record(started.elapsed().as_secs_f64());

@@ -4,46 +4,54 @@
 use super::store::write_transaction;
 use chrono::{DateTime, Utc};
 use entity::users;
-use moka::sync::Cache;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ColumnTrait, DatabaseConnection, EntityTrait, ExprTrait, QueryFilter, TransactionTrait,
 };
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::time::Duration;
 
 pub struct LastSeen {
-    /// Users whose last login was written (or queued) within the interval.
-    recent: Cache<String, ()>,
+    interval_secs: i64,
     pending: Mutex<HashMap<String, DateTime<Utc>>>,
 }
 
+/// When a synced identity's last login was last written or queued, kept in its sync-cache entry rather
+/// than in a cache of its own (which cost a lookup per request and about 300 bytes per user).
+#[derive(Debug)]
+pub struct Stamp(AtomicI64);
+
+impl Stamp {
+    pub fn written_at(now: DateTime<Utc>) -> Self {
+        Self(AtomicI64::new(now.timestamp()))
+    }
+}
+
 impl LastSeen {
-    pub fn new(interval: Duration, capacity: u64) -> Self {
+    pub fn new(interval: Duration) -> Self {
         Self {
-            recent: Cache::builder()
-                .max_capacity(capacity)
-                .time_to_live(interval)
-                .build(),
+            interval_secs: interval.as_secs() as i64,
             pending: Mutex::new(HashMap::new()),
         }
     }
 
-    /// A request by `user` happened now; queue a write if none was made within the interval.
-    pub fn touch(&self, user: &str, now: DateTime<Utc>) {
-        if self.recent.contains_key(user) {
+    /// A request by `user` happened now; queue a write if none was made within the interval. Of several
+    /// concurrent requests, only the one that moves the stamp queues.
+    pub fn touch(&self, stamp: &Stamp, user: &str, now: DateTime<Utc>) {
+        let (then, now_secs) = (stamp.0.load(Relaxed), now.timestamp());
+        if now_secs - then < self.interval_secs
+            || stamp
+                .0
+                .compare_exchange(then, now_secs, Relaxed, Relaxed)
+                .is_err()
+        {
             return;
         }
-        self.recent.insert(user.to_owned(), ());
         if let Ok(mut p) = self.pending.lock() {
             p.insert(user.to_owned(), now);
         }
-    }
-
-    /// The sync transaction just wrote `last_login_at` for `user`.
-    pub fn written(&self, user: &str) {
-        self.recent.insert(user.to_owned(), ());
     }
 
     /// Writes every queued time in one transaction; a time never moves `last_login_at` backwards.

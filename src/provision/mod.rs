@@ -11,7 +11,7 @@ use crate::directory::Affected;
 use crate::identity::{Identity, RoleMap};
 use chrono::{DateTime, SubsecRound, Utc};
 use entity::memberships;
-use last_seen::LastSeen;
+use last_seen::{LastSeen, Stamp};
 use moka::future::Cache;
 use sea_orm::{DatabaseConnection, DbErr, EntityTrait};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -108,6 +108,7 @@ type Key = [u8; 32];
 struct Cached {
     fingerprint: u64,
     provisioned: Arc<Provisioned>,
+    last_login: Stamp,
 }
 
 pub struct Provisioner {
@@ -134,7 +135,7 @@ impl Provisioner {
             .time_to_live(opts.cache_ttl)
             .support_invalidation_closures()
             .build();
-        let last_seen = LastSeen::new(opts.last_seen_interval, opts.cache_size);
+        let last_seen = LastSeen::new(opts.last_seen_interval);
         let sqlite_writer = (db.get_database_backend() == sea_orm::DatabaseBackend::Sqlite)
             .then(|| tokio::sync::Mutex::new(()));
         Self {
@@ -179,11 +180,25 @@ impl Provisioner {
         {
             metrics::counter!("idsync_sync_total", "outcome" => "cached").increment(1);
             if let Some(user) = subject {
-                self.last_seen.touch(user, now);
+                self.last_seen.touch(&hit.last_login, user, now);
             }
             return Ok(hit.provisioned.clone());
         }
 
+        // Boxed: the database path's future is many kilobytes, and keeping it inline would make every
+        // warm request's future (moved and copied by the HTTP stack) that large too.
+        Box::pin(self.sync_uncached(identity, tenant, role, cache_key, fingerprint, now)).await
+    }
+
+    async fn sync_uncached(
+        &self,
+        identity: &Identity,
+        tenant: Option<(TenantTarget, bool)>,
+        role: Option<&str>,
+        cache_key: Key,
+        fingerprint: u64,
+        now: DateTime<Utc>,
+    ) -> Result<Arc<Provisioned>, ProvisionError> {
         let target = tenant.as_ref().map(|(t, _)| t);
         let request = SyncRequest {
             identity,
@@ -215,15 +230,14 @@ impl Provisioner {
             tenant_schema: outcome.schema,
             role: outcome.membership.as_ref().map(|m| m.role.clone()),
         });
-        if let Some(user) = subject {
-            self.last_seen.written(user);
-        }
         self.synced
             .insert(
                 cache_key,
                 Arc::new(Cached {
                     fingerprint,
                     provisioned: provisioned.clone(),
+                    // The sync transaction just wrote last_login_at.
+                    last_login: Stamp::written_at(now),
                 }),
             )
             .await;
@@ -248,13 +262,11 @@ impl Provisioner {
                 return Ok(Some((target(wanted), false)));
             }
             if let Some(user) = subject
-                && self
-                    .has_active_membership(&identity.issuer, user, wanted)
-                    .await?
+                && Box::pin(self.has_active_membership(&identity.issuer, user, wanted)).await?
             {
                 return Ok(Some((target(wanted), false)));
             }
-            store::record(
+            Box::pin(store::record(
                 &self.db,
                 store::event(
                     "access_denied",
@@ -265,7 +277,7 @@ impl Provisioner {
                     serde_json::json!({"reason": "tenant_not_permitted"}),
                     now,
                 ),
-            )
+            ))
             .await?;
             return Err(ProvisionError::TenantNotPermitted);
         }
