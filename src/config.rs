@@ -254,7 +254,7 @@ pub struct ServeArgs {
     #[arg(long, env = "IDSYNC_MISSING_TENANT", default_value = "reject")]
     pub missing_tenant: String,
 
-    /// Write users.last_login_at at most this often per user.
+    /// Write users.last_login_at at most this often per user and tenant they act in.
     #[arg(long, env = "IDSYNC_LAST_SEEN_INTERVAL", default_value = "5m")]
     pub last_seen_interval: String,
 
