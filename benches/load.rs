@@ -242,6 +242,10 @@ struct Run {
     errors: u64,
     cpu: Option<f64>,
     rss_mib: Option<f64>,
+    /// CPU seconds the local PostgreSQL server's processes used during the run.
+    db_cpu: f64,
+    /// Share of the whole machine's CPU time that was busy during the run, every process included.
+    busy: f64,
 }
 
 /// One bounded wrk run. `rate`: fixed offered load (requests/s) instead of as fast as possible.
@@ -255,6 +259,7 @@ fn wrk(
     rate: Option<f64>,
 ) -> Run {
     let before = pid.map(usage);
+    let (db_before, machine_before) = (postgres_cpu(), machine_ticks());
     let script = if rate.is_some() {
         &scripts.paced
     } else {
@@ -291,6 +296,7 @@ fn wrk(
         .unwrap_or_else(|| panic!("wrk said: {text}"));
     let r: Value = serde_json::from_str(line).unwrap();
     let after = pid.map(usage);
+    let (db_after, machine_after) = (postgres_cpu(), machine_ticks());
     let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
     Run {
         name: name.into(),
@@ -302,7 +308,41 @@ fn wrk(
         errors: (f("socket_errors") + f("non2xx")) as u64,
         cpu: before.zip(after).map(|(b, a)| a.0 - b.0),
         rss_mib: after.map(|a| a.1 as f64 / 1024.0),
+        db_cpu: db_after - db_before,
+        busy: (machine_after.0 - machine_before.0) as f64
+            / (machine_after.1 - machine_before.1).max(1) as f64,
     }
+}
+
+/// (busy, total) jiffies of all CPUs from /proc/stat; idle and iowait count as not busy.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3).unwrap_or(&0) + ticks.get(4).unwrap_or(&0);
+    (total - idle, total)
+}
+
+/// CPU seconds of every process named `postgres` (the server and its backends); the cold path's database
+/// work is mostly here, so the table can say whether idsync or the database ran out of CPU.
+fn postgres_cpu() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .map(|pid| usage(pid).0)
+        .sum()
 }
 
 struct Scripts {
@@ -661,12 +701,23 @@ async fn main() {
     println!();
     let base = runs.iter().find(|r| r.name.starts_with('2')).map(|r| r.rps);
     println!(
-        "{:<44} {:>10} {:>7} {:>8} {:>8} {:>8} {:>9} {:>7} {:>8} {:>8}",
-        "scenario", "req/s", "x base", "p50", "p90", "p99", "max", "errors", "cpu s", "RSS MiB"
+        "{:<44} {:>10} {:>7} {:>8} {:>8} {:>8} {:>9} {:>7} {:>8} {:>8} {:>9} {:>7}",
+        "scenario",
+        "req/s",
+        "x base",
+        "p50",
+        "p90",
+        "p99",
+        "max",
+        "errors",
+        "cpu s",
+        "RSS MiB",
+        "pg cpu s",
+        "busy %"
     );
     for r in &runs {
         println!(
-            "{:<44} {:>10.0} {:>7} {:>8.0} {:>8.0} {:>8.0} {:>9.0} {:>7} {:>8} {:>8}",
+            "{:<44} {:>10.0} {:>7} {:>8.0} {:>8.0} {:>8.0} {:>9.0} {:>7} {:>8} {:>8} {:>9.1} {:>7.0}",
             r.name,
             r.rps,
             base.map_or("-".into(), |b| format!("{:.2}", r.rps / b)),
@@ -677,6 +728,8 @@ async fn main() {
             r.errors,
             r.cpu.map_or("-".into(), |c| format!("{c:.1}")),
             r.rss_mib.map_or("-".into(), |m| format!("{m:.1}")),
+            r.db_cpu,
+            r.busy * 100.0,
         );
     }
 
@@ -714,11 +767,14 @@ async fn main() {
         .filter(|r| r.name.starts_with("5 idsync cold, new"))
     {
         println!(
-            "  cold new identities/s (max)          {:<30} {:.0}/s  p99 {:.1} ms at {} connections",
+            "  cold new identities/s (max)          {:<30} {:.0}/s  p99 {:.1} ms at {} connections; CPU per identity: idsync {:.0} us, PostgreSQL {:.0} us; machine {:.0}% busy",
             r.name.trim_start_matches("5 idsync cold, new identities "),
             r.rps,
             r.p99 / 1000.0,
-            o.connections
+            o.connections,
+            r.cpu.unwrap_or(0.0) * 1e6 / (r.rps * o.duration as f64),
+            r.db_cpu * 1e6 / (r.rps * o.duration as f64),
+            r.busy * 100.0
         );
     }
     for (label, r) in &cold_paced {

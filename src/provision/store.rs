@@ -1,18 +1,18 @@
 //! The sync transaction. Writes are single-statement upserts guarded by `issuer = excluded.issuer`, so a
 //! concurrent or foreign writer can never be merged into; events come only from what a write reports
 //! (`created_at`/`updated_at` equal to this transaction's `now`), so each is recorded exactly once however
-//! many replicas race. The primary-key reads before the writes refuse deactivated or foreign rows without
-//! writing anything, and give audit diffs their "from" side.
+//! many replicas race. One read of the three rows by primary key, before the writes, refuses deactivated or
+//! foreign rows without writing anything and gives audit diffs their "from" side.
 
 use super::naming;
 use crate::identity::Identity;
 use chrono::{DateTime, Utc};
 use entity::{audit_events, memberships, organizations, users};
-use sea_orm::sea_query::{Alias, Expr, OnConflict};
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, OnConflict, Query, SelectStatement};
 use sea_orm::{
     ActiveValue::{NotSet, Set},
-    ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, SqliteTransactionMode,
-    TransactionOptions, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, FromQueryResult,
+    IdenStatic, Iterable, QueryResult, SqliteTransactionMode, TransactionOptions, TransactionTrait,
 };
 use serde_json::{Value, json};
 
@@ -169,26 +169,11 @@ async fn sync_in(
     };
 
     // Refuse before writing: a foreign or deactivated row stops the request with nothing changed.
-    let user_before = match subject {
-        Some(id) => users::Entity::find_by_id(id.to_owned()).one(txn).await?,
-        None => None,
-    };
-    let org_before = match tenant_id {
-        Some(id) => {
-            organizations::Entity::find_by_id(id.to_owned())
-                .one(txn)
-                .await?
-        }
-        None => None,
-    };
-    let membership_before = match (subject, tenant_id) {
-        (Some(u), Some(o)) => {
-            memberships::Entity::find_by_id((u.to_owned(), o.to_owned()))
-                .one(txn)
-                .await?
-        }
-        _ => None,
-    };
+    let Before {
+        user: user_before,
+        organization: org_before,
+        membership: membership_before,
+    } = read_before(txn, subject, tenant_id).await?;
     if let Some(u) = &user_before {
         if u.issuer != issuer {
             return Err(StoreError::Refused(Refusal::IdentityConflict(format!(
@@ -292,6 +277,87 @@ async fn sync_in(
         },
         events,
     ))
+}
+
+/// The rows a sync may touch, as they were.
+#[derive(Default)]
+struct Before {
+    user: Option<users::Model>,
+    organization: Option<organizations::Model>,
+    membership: Option<memberships::Model>,
+}
+
+/// Reads the user, organization and membership in one round trip, not three: a one-row probe left-joined to
+/// each table by primary key, each table's columns prefixed so the models decode from the same row.
+async fn read_before(
+    txn: &impl ConnectionTrait,
+    subject: Option<&str>,
+    tenant: Option<&str>,
+) -> Result<Before, DbErr> {
+    if subject.is_none() && tenant.is_none() {
+        return Ok(Before::default());
+    }
+    let mut q = Query::select();
+    q.from_subquery(
+        Query::select()
+            .expr_as(Expr::val(1), Alias::new("one"))
+            .to_owned(),
+        Alias::new("probe"),
+    );
+    if let Some(user) = subject {
+        select_prefixed::<users::Entity>(&mut q, "u_");
+        q.left_join(users::Entity, users::Column::Id.eq(user));
+    }
+    if let Some(org) = tenant {
+        select_prefixed::<organizations::Entity>(&mut q, "o_");
+        q.left_join(organizations::Entity, organizations::Column::Id.eq(org));
+    }
+    if let (Some(user), Some(org)) = (subject, tenant) {
+        select_prefixed::<memberships::Entity>(&mut q, "m_");
+        q.left_join(
+            memberships::Entity,
+            memberships::Column::UserId
+                .eq(user)
+                .and(memberships::Column::OrganizationId.eq(org)),
+        );
+    }
+    let row = txn
+        .query_one(&q)
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound("the probe row".into()))?;
+    Ok(Before {
+        user: decode_if_present(&row, "u_", "id", subject.is_some())?,
+        organization: decode_if_present(&row, "o_", "id", tenant.is_some())?,
+        membership: decode_if_present(
+            &row,
+            "m_",
+            "user_id",
+            subject.is_some() && tenant.is_some(),
+        )?,
+    })
+}
+
+fn select_prefixed<E: EntityTrait>(q: &mut SelectStatement, prefix: &str) {
+    for col in E::Column::iter() {
+        q.expr_as(
+            Expr::col((E::default(), col)),
+            Alias::new(format!("{prefix}{}", col.as_str())),
+        );
+    }
+}
+
+/// A left join gives NULL primary keys for a missing row; only a present row is decoded, so a decoding
+/// error is reported rather than mistaken for "no row".
+fn decode_if_present<M: FromQueryResult>(
+    row: &QueryResult,
+    prefix: &str,
+    key: &str,
+    joined: bool,
+) -> Result<Option<M>, DbErr> {
+    if !joined || row.try_get::<Option<String>>(prefix, key)?.is_none() {
+        return Ok(None);
+    }
+    M::from_query_result(row, prefix).map(Some)
 }
 
 fn check_org(o: &organizations::Model, issuer: &str) -> Result<(), StoreError> {
