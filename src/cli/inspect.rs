@@ -151,7 +151,7 @@ async fn explain(
     let mut identity_json = Value::Null;
     let mut headers = serde_json::Map::new();
     if let Some(index) = settings.issuers.iter().position(|i| i.issuer == iss) {
-        match map_claims(&iss, &claims, &rules[index]) {
+        match map_claims(iss.as_str(), &claims, &rules[index]) {
             Err(e) => {
                 reasons.push(format!("identity: {e}"));
                 verdict = verdict.or(Some("refuse: 401 invalid_token"));

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub struct Authenticated {
     pub identity: Identity,
     pub issuer: usize,
-    pub kid: Option<String>,
+    pub kid: Option<Arc<str>>,
     pub expires_at: i64,
 }
 
@@ -49,6 +49,8 @@ pub struct Authenticator {
     verifier: Verifier,
     /// Mapping rules per issuer, same order as the verifier's issuers.
     rules: Vec<MappingRules>,
+    /// Issuer names, same order; every identity of an issuer shares its one copy.
+    issuer_names: Vec<Arc<str>>,
     /// `None` when `--token-cache-size 0`: every request pays the signature check.
     cache: Option<Cache<TokenKey, Arc<Authenticated>>>,
 }
@@ -62,9 +64,15 @@ impl Authenticator {
                 .support_invalidation_closures()
                 .build()
         });
+        let issuer_names = verifier
+            .issuers()
+            .iter()
+            .map(|i| Arc::from(i.issuer.as_str()))
+            .collect();
         Self {
             verifier,
             rules,
+            issuer_names,
             cache,
         }
     }
@@ -126,9 +134,8 @@ impl Authenticator {
         metrics::counter!("idsync_token_verifications_total", "outcome" => if verified.is_ok() { "valid" } else { "invalid" })
             .increment(1);
         let verified = verified.map_err(verify_error)?;
-        let issuer = &self.verifier.issuers()[verified.issuer];
         let identity = map_claims(
-            &issuer.issuer,
+            self.issuer_names[verified.issuer].clone(),
             &verified.claims,
             &self.rules[verified.issuer],
         )

@@ -10,6 +10,7 @@ mod roles;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use std::fmt;
+use std::sync::Arc;
 
 pub use claims::ClaimPath;
 pub use roles::RoleMap;
@@ -100,7 +101,8 @@ impl fmt::Display for IdpId {
 /// Who is calling, as the IdP says, in one shape whatever the IdP.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Identity {
-    pub issuer: String,
+    /// Shared by every identity of the same issuer.
+    pub issuer: Arc<str>,
     pub dialect: Dialect,
     /// `None` only for tenant-level tokens (Frontegg `tenantApiToken`/`tenantAccessToken`).
     pub subject: Option<Subject>,
@@ -121,7 +123,7 @@ pub struct Identity {
     pub roles: Vec<String>,
     pub permissions: Vec<String>,
     pub metadata: Option<Value>,
-    /// Where the tenant was looked for, to explain a missing one.
+    /// Where the tenant was looked for, to explain a missing one; empty when a tenant was found.
     #[serde(skip)]
     pub tenant_sources: Vec<String>,
 }
@@ -165,7 +167,7 @@ impl IdentityError {
 
 /// Maps verified claims to an identity under `rules`. `issuer` is the configured issuer the token matched.
 pub fn map_claims(
-    issuer: &str,
+    issuer: impl Into<Arc<str>>,
     claims: &Map<String, Value>,
     rules: &MappingRules,
 ) -> Result<Identity, IdentityError> {
@@ -174,8 +176,12 @@ pub fn map_claims(
         Dialect::Keycloak => keycloak::map(claims, rules)?,
         Dialect::Frontegg => frontegg::map(claims)?,
     };
-    identity.issuer = issuer.to_owned();
+    identity.issuer = issuer.into();
     identity.dialect = rules.dialect;
+    // Kept only to explain a missing tenant; a found one makes it noise in every cached identity.
+    if identity.tenant.is_some() {
+        identity.tenant_sources = Vec::new();
+    }
     if let Some(tenant) = &identity.tenant
         && !identity.tenants.contains(tenant)
     {
@@ -194,7 +200,7 @@ pub fn map_claims(
 fn standard_profile(claims: &Map<String, Value>) -> Result<Identity, IdentityError> {
     use claims::{opt_bool, opt_profile};
     Ok(Identity {
-        issuer: String::new(),
+        issuer: Arc::from(""),
         dialect: Dialect::Generic,
         subject: None,
         tenant: None,

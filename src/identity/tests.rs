@@ -61,7 +61,7 @@ fn keycloak_access_token_maps_user_roles_and_organization_id() {
             "editor"
         ]
     );
-    assert_eq!(id.issuer, "https://sso.example.com/realms/acme");
+    assert_eq!(&*id.issuer, "https://sso.example.com/realms/acme");
 }
 
 #[test]
@@ -102,6 +102,14 @@ fn keycloak_falls_back_to_the_configured_tenant_claim() {
     let claims = obj(json!({"sub": "u1", "typ": "Bearer", "tenant_id": "t-9"}));
     let id = map_claims("iss", &claims, &rules(Dialect::Keycloak)).unwrap();
     assert_eq!(id.tenant.unwrap().as_str(), "t-9");
+    assert!(
+        id.tenant_sources.is_empty(),
+        "only a missing tenant is explained"
+    );
+
+    let claims = obj(json!({"sub": "u1", "typ": "Bearer"}));
+    let id = map_claims("iss", &claims, &rules(Dialect::Keycloak)).unwrap();
+    assert!(id.tenant.is_none());
     assert_eq!(id.tenant_sources, ["organization", "tenant_id"]);
 }
 

@@ -3,6 +3,7 @@
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
+use std::sync::Arc;
 use std::time::Instant;
 
 const RSA: &[Algorithm] = &[
@@ -17,7 +18,8 @@ const RSA: &[Algorithm] = &[
 const MIN_RSA_MODULUS_B64: usize = 342;
 
 pub struct VerificationKey {
-    pub kid: Option<String>,
+    /// Shared with every cached verification made with this key, rather than copied into each.
+    pub kid: Option<Arc<str>>,
     pub algorithms: &'static [Algorithm],
     pub key: DecodingKey,
 }
@@ -211,7 +213,7 @@ fn verification_key(jwk: &Jwk) -> Result<VerificationKey, String> {
     };
     let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("unusable key material: {e}"))?;
     Ok(VerificationKey {
-        kid: jwk.common.key_id.clone(),
+        kid: jwk.common.key_id.as_deref().map(Arc::from),
         algorithms,
         key,
     })

@@ -40,7 +40,7 @@ pub struct VerifyOptions {
 pub struct VerifiedToken {
     /// Index of the issuer in [`Verifier::issuers`].
     pub issuer: usize,
-    pub kid: Option<String>,
+    pub kid: Option<Arc<str>>,
     pub expires_at: i64,
     pub claims: Map<String, Value>,
 }
@@ -136,7 +136,7 @@ impl Verifier {
                 .map_err(VerifyError::KeysUnavailable)?;
         }
         let mut tried = false;
-        let mut valid = false;
+        let mut valid = None;
         for key in keys.candidates(kid, alg) {
             tried = true;
             if jsonwebtoken::crypto::verify(
@@ -147,7 +147,7 @@ impl Verifier {
             )
             .unwrap_or(false)
             {
-                valid = true;
+                valid = Some(key);
                 break;
             }
         }
@@ -158,15 +158,20 @@ impl Verifier {
                 VerifyError::UnknownKey
             });
         }
-        if !valid {
+        let Some(key) = valid else {
             return Err(VerifyError::BadSignature);
-        }
+        };
+        // The key's own copy of the kid when it has one; a kid-less (PEM) key keeps the token's.
+        let kid = match (&key.kid, kid) {
+            (Some(shared), _) => Some(shared.clone()),
+            (None, token_kid) => token_kid.map(Arc::from),
+        };
 
         let claims = parse_claims(&parts.payload)?;
         let expires_at = self.check_claims(trusted, &claims, now)?;
         Ok(VerifiedToken {
             issuer: index,
-            kid: parts.header.kid,
+            kid,
             expires_at,
             claims,
         })

@@ -152,7 +152,7 @@ async fn sync_in(
     req: &SyncRequest<'_>,
 ) -> Result<(SyncOutcome, Events), StoreError> {
     let identity = req.identity;
-    let issuer = identity.issuer.as_str();
+    let issuer: &str = &identity.issuer;
     let subject = identity.subject.as_ref().map(|s| s.as_str());
     let tenant_id = req.tenant.map(|t| t.id.as_str());
     let mut events = Vec::new();
@@ -463,7 +463,7 @@ async fn upsert_user(
 
     let row = users::ActiveModel {
         id: Set(id.to_owned()),
-        issuer: Set(identity.issuer.clone()),
+        issuer: Set(identity.issuer.to_string()),
         email: Set(identity.email.clone()),
         email_verified: Set(identity.email_verified),
         username: Set(identity.username.clone()),
