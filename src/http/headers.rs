@@ -72,6 +72,16 @@ impl HeaderNames {
         })
     }
 
+    /// Whether `name` is one idsync sets, under the configured prefix or the default one.
+    fn owns(&self, name: &HeaderName) -> bool {
+        let s = name.as_str();
+        self.strip_exact.iter().any(|n| n.as_str() == s)
+            || self
+                .idsync_prefixes
+                .iter()
+                .any(|p| s.starts_with(p.as_str()))
+    }
+
     pub fn idsync(&self, suffix: &str) -> HeaderName {
         HeaderName::try_from(format!(
             "{}{}",
@@ -100,22 +110,12 @@ pub struct Forwarded {
     pub synced: Option<bool>,
 }
 
-/// Removes every header idsync owns. Runs first, on every request, authenticated or not.
+/// Removes every header idsync owns. Runs first, on every request, authenticated or not. One pass over
+/// the handful of headers a client sent, rather than a hash lookup for each of the 18 owned names; the
+/// list to remove stays empty (no allocation) on an honest request.
 pub fn strip(headers: &mut HeaderMap, names: &HeaderNames) {
-    for n in &names.strip_exact {
-        headers.remove(n);
-    }
-    let prefixed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| {
-            names
-                .idsync_prefixes
-                .iter()
-                .any(|p| k.as_str().starts_with(p.as_str()))
-        })
-        .cloned()
-        .collect();
-    for n in prefixed {
+    let owned: Vec<HeaderName> = headers.keys().filter(|k| names.owns(k)).cloned().collect();
+    for n in owned {
         headers.remove(n);
     }
 }
