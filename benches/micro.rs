@@ -235,6 +235,72 @@ fn verify_rustcrypto_es256(bencher: Bencher) {
     });
 }
 
+/// The signature check alone in aws-lc-rs, the backend idsync uses, with the key parsed once: the floor
+/// under `verify_uncached`, which adds parsing, key lookup and claim checks.
+#[divan::bench(args = ["RS256", "ES256"])]
+fn verify_aws_lc_signature_only(bencher: Bencher, alg: &str) {
+    use aws_lc_rs::signature::{self, ParsedPublicKey, VerificationAlgorithm};
+    let f = fixture();
+    let alg = if alg == "RS256" {
+        SigningAlg::RS256
+    } else {
+        SigningAlg::ES256
+    };
+    let (_, _, token, jwk) = f.verifiers.iter().find(|(a, ..)| *a == alg).unwrap();
+    let b64 = |k: &str| URL_SAFE_NO_PAD.decode(jwk[k].as_str().unwrap()).unwrap();
+    let (algorithm, key): (&'static dyn VerificationAlgorithm, Vec<u8>) = match alg {
+        SigningAlg::RS256 => (
+            &signature::RSA_PKCS1_2048_8192_SHA256,
+            rsa_public_key_der(&b64("n"), &b64("e")),
+        ),
+        _ => {
+            let mut point = vec![4u8];
+            point.extend(b64("x"));
+            point.extend(b64("y"));
+            (&signature::ECDSA_P256_SHA256_FIXED, point)
+        }
+    };
+    let key = ParsedPublicKey::new(algorithm, key).unwrap();
+    let (input, sig) = split(token);
+    bencher.bench(|| {
+        key.verify_sig(divan::black_box(input.as_bytes()), &sig)
+            .unwrap()
+    });
+}
+
+/// PKCS#1 `RSAPublicKey ::= SEQUENCE { n INTEGER, e INTEGER }` in DER, which aws-lc-rs parses.
+fn rsa_public_key_der(n: &[u8], e: &[u8]) -> Vec<u8> {
+    fn len(out: &mut Vec<u8>, n: usize) {
+        if n < 0x80 {
+            out.push(n as u8);
+        } else {
+            let bytes: Vec<u8> = n
+                .to_be_bytes()
+                .into_iter()
+                .skip_while(|b| *b == 0)
+                .collect();
+            out.push(0x80 | bytes.len() as u8);
+            out.extend(bytes);
+        }
+    }
+    fn int(out: &mut Vec<u8>, v: &[u8]) {
+        let pad = v.first().is_some_and(|b| b & 0x80 != 0);
+        out.push(0x02);
+        len(out, v.len() + pad as usize);
+        if pad {
+            out.push(0);
+        }
+        out.extend(v);
+    }
+    let mut body = Vec::new();
+    int(&mut body, n);
+    int(&mut body, e);
+    let mut out = vec![0x30];
+    len(&mut out, body.len());
+    out.extend(body);
+    out
+}
+
 #[divan::bench]
 fn token_cache_hit(bencher: Bencher) {
     let f = fixture();
