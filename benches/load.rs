@@ -792,17 +792,16 @@ async fn main() {
         );
     }
     if let Some((idle, peak, now)) = memory {
-        // The issue's target is 100,000 identities; BENCHMARKS.md proposes 25,000 for the same 64 MiB.
-        let (wanted, whose) = if o.memory_users >= 100_000 {
-            (100_000, "issue 5")
-        } else {
-            (25_000, "proposed")
-        };
         println!(
-            "  peak RSS <= 64 MiB with {wanted} ({whose})  {} identities: idle {idle:.1} MiB, peak {peak:.1} MiB, now {now:.1} MiB, {:.0} bytes per identity over idle  {}",
+            "  peak RSS <= 64 MiB with 100,000       {} identities: idle {idle:.1} MiB, peak {peak:.1} MiB, now {now:.1} MiB  {}",
             o.memory_users,
-            (peak - idle) * 1_048_576.0 / o.memory_users as f64,
-            verdict(peak <= 64.0 && o.memory_users >= wanted)
+            verdict(peak <= 64.0 && o.memory_users >= 100_000)
+        );
+        // BENCHMARKS.md explains why 64 MiB is out of reach with two moka caches, and proposes this instead.
+        let per_identity = (peak - idle) * 1_048_576.0 / o.memory_users as f64;
+        println!(
+            "  proposed: <= 1 KiB per identity over idle  {per_identity:.0} bytes  {}",
+            verdict(per_identity <= 1024.0 && o.memory_users >= 100_000)
         );
     }
 }
