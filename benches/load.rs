@@ -7,7 +7,7 @@
 //! latency percentiles, errors, idsync's CPU seconds and peak RSS, ratios against the baseline, and each
 //! issue-5 target as met or missed.
 
-use idsync::devkit::{LocalIssuer, SigningAlg};
+use devkit::{LocalIssuer, SigningAlg};
 use serde_json::{Value, json};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -443,7 +443,7 @@ async fn main() {
     issuer.add_key(SigningAlg::ES256); // cheap to mint: used for the many warm and cold tokens
     let claims = |sub: String, tenant: usize| {
         let mut c = issuer.claims_for(&sub);
-        c["exp"] = json!(idsync::http::auth::unix_now() + 3600);
+        c["exp"] = json!(devkit::unix_now() + 3600);
         c["tenant_id"] = json!(format!("tenant-{tenant}"));
         c["email"] = json!(format!("{sub}@example.com"));
         c["realm_access"] = json!({"roles": ["member"]});

@@ -3,13 +3,15 @@
 //! identities (sync cache and last-login bookkeeping) hold, so a change to either cache shows up as bytes
 //! per entry rather than as a noisy RSS figure. The load benchmark's scenario 7 gives the RSS side.
 
-use idsync::devkit::{LocalIssuer, SigningAlg};
-use idsync::http::auth::{Authenticator, unix_now};
-use idsync::identity::{ClaimPath, Dialect, MappingRules, RoleMap};
-use idsync::oidc::{
-    IdpClient, IssuerKeys, KeyCacheOptions, KeySource, TrustedIssuer, Verifier, VerifyOptions,
+use devkit::unix_now;
+use devkit::{LocalIssuer, SigningAlg};
+use idsync::access::policy::{self, Known};
+use idsync::access::{
+    Gatekeeper, IssuerRegistry, IssuerSpec, MissingTenant, OnDbError, TenantPolicy,
 };
-use idsync::provision::{MissingTenant, Provisioner, SyncOptions};
+use idsync::identity::{ClaimPath, Dialect, RoleMap};
+use idsync::oidc::{IdpClient, KeyCacheOptions, KeySource, VerifyOptions};
+use idsync::provision::{Provisioner, SyncOptions};
 use serde_json::json;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
@@ -55,35 +57,31 @@ async fn main() {
         .unwrap();
     let path = dir.path().join("jwks.json");
     std::fs::write(&path, issuer.jwks_document().to_string()).unwrap();
-    let keys = Arc::new(IssuerKeys::new(
-        issuer.issuer().into(),
-        KeySource::File(path),
-        IdpClient::new(None, Duration::from_secs(5)).unwrap(),
-        KeyCacheOptions {
+    let registry = IssuerRegistry::new(
+        &[IssuerSpec {
+            issuer: issuer.issuer().into(),
+            dialect: Dialect::Keycloak,
+            audiences: vec![],
+            source: KeySource::File(path),
+            tenant_claim: ClaimPath::new("tenant_id").unwrap(),
+            roles_claim: ClaimPath::new("roles").unwrap(),
+        }],
+        &IdpClient::new(None, Duration::from_secs(5)).unwrap(),
+        &KeyCacheOptions {
             refresh_interval: Duration::from_secs(600),
             refetch_cooldown: Duration::from_secs(30),
             max_stale: Duration::from_secs(86400),
             file_poll: Duration::from_secs(5),
         },
-    ));
-    keys.load_now().await.unwrap();
-    let verifier = Verifier::new(
-        vec![TrustedIssuer {
-            issuer: issuer.issuer().into(),
-            audiences: vec![],
-            keys,
-        }],
         VerifyOptions {
             leeway_secs: 60,
             max_token_bytes: 16384,
         },
+        None,
     );
-    let rules = MappingRules {
-        dialect: Dialect::Keycloak,
-        tenant_claim: ClaimPath::new("tenant_id").unwrap(),
-        roles_claim: ClaimPath::new("roles").unwrap(),
-    };
-    let auth = Authenticator::new(verifier, vec![rules], n as u64 * 2);
+    for i in registry.iter() {
+        i.keys().load_now().await.unwrap();
+    }
     let db_url = format!("sqlite://{}/memory.db?mode=rwc", dir.path().display());
     let mut opts = sea_orm::ConnectOptions::new(db_url);
     opts.max_connections(1).sqlx_logging(false);
@@ -96,16 +94,25 @@ async fn main() {
         .await
         .unwrap();
     let app_roles: Vec<String> = ["admin", "member", "viewer"].map(String::from).to_vec();
-    let provisioner = Provisioner::new(
+    let tenant_policy = TenantPolicy {
+        missing: MissingTenant::Reject,
+        roles: RoleMap::new(&app_roles, &[], "member").unwrap(),
+    };
+    let provisioner = Arc::new(Provisioner::new(
         db,
         SyncOptions {
-            roles: RoleMap::new(&app_roles, &[], "member").unwrap(),
-            missing_tenant: MissingTenant::Reject,
             tenant_schema: None,
             cache_size: n as u64 * 2,
             cache_ttl: Duration::from_secs(300),
             last_seen_interval: Duration::from_secs(300),
         },
+    ));
+    let auth = Gatekeeper::new(
+        Arc::new(registry),
+        n as u64 * 2,
+        tenant_policy.clone(),
+        provisioner.clone(),
+        OnDbError::Fail,
     );
     // The load benchmark's token shape: a Keycloak access token with a tenant, an email and one role.
     let tokens: Vec<String> = (0..n)
@@ -142,7 +149,11 @@ async fn main() {
     let held_by_vec = (identities.capacity() * std::mem::size_of::<usize>()) as isize;
     let after_tokens = live() - held_by_vec;
     for id in &identities {
-        provisioner.sync(&id.identity, None).await.unwrap();
+        let target = policy::target(&id.identity, None, &tenant_policy).unwrap();
+        let plan = policy::decide(&id.identity, target, Known::Nothing, &tenant_policy)
+            .unwrap()
+            .plan;
+        provisioner.sync(&id.identity, &plan).await.unwrap();
     }
     let after_sync = live() - held_by_vec;
     // Give moka's deferred housekeeping a chance, then measure again: what stays is what is held.

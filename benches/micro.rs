@@ -5,15 +5,17 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use devkit::unix_now;
+use devkit::{LocalIssuer, SigningAlg};
 use divan::Bencher;
-use idsync::devkit::{LocalIssuer, SigningAlg};
-use idsync::http::auth::{Authenticator, unix_now};
-use idsync::http::headers::{self, Forwarded, HeaderNames};
-use idsync::identity::{ClaimPath, Dialect, MappingRules, RoleMap, map_claims};
-use idsync::oidc::{
-    IdpClient, IssuerKeys, KeyCacheOptions, KeySource, TrustedIssuer, Verifier, VerifyOptions,
+use idsync::access::policy::{self, Known};
+use idsync::access::{
+    Gatekeeper, IssuerRegistry, IssuerSpec, MissingTenant, OnDbError, TenantPolicy,
 };
-use idsync::provision::{MissingTenant, Provisioner, SyncOptions};
+use idsync::http::headers::{self, HeaderNames};
+use idsync::identity::{ClaimPath, Dialect, MappingRules, RoleMap, map_claims};
+use idsync::oidc::{IdpClient, KeyCacheOptions, KeySource, VerifyOptions};
+use idsync::provision::{Provisioned, Provisioner, SyncOptions};
 use serde_json::{Map, Value, json};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -24,10 +26,10 @@ fn main() {
 
 struct Fixture {
     rt: tokio::runtime::Runtime,
-    verifiers: Vec<(SigningAlg, Verifier, String, Value)>,
-    auth: Authenticator,
+    verifiers: Vec<(SigningAlg, IssuerRegistry, String, Value)>,
+    auth: Gatekeeper,
     cached_token: String,
-    provisioner: Provisioner,
+    provisioner: Arc<Provisioner>,
     keycloak: Map<String, Value>,
     frontegg: Map<String, Value>,
     _dir: tempfile::TempDir,
@@ -39,6 +41,41 @@ fn rules(dialect: Dialect) -> MappingRules {
         tenant_claim: ClaimPath::new("tenant_id").unwrap(),
         roles_claim: ClaimPath::new("roles").unwrap(),
     }
+}
+
+fn tenant_policy() -> TenantPolicy {
+    let app_roles: Vec<String> = ["admin", "member", "viewer"].map(String::from).to_vec();
+    TenantPolicy {
+        missing: MissingTenant::Reject,
+        roles: RoleMap::new(&app_roles, &[], "member").unwrap(),
+    }
+}
+
+/// A registry of one issuer whose keys come from a file: no network in the measured path.
+async fn registry(
+    issuer: &LocalIssuer,
+    path: std::path::PathBuf,
+    dialect: Dialect,
+) -> IssuerRegistry {
+    std::fs::write(&path, issuer.jwks_document().to_string()).unwrap();
+    let spec = IssuerSpec {
+        issuer: issuer.issuer().into(),
+        dialect,
+        audiences: vec![],
+        source: KeySource::File(path),
+        tenant_claim: ClaimPath::new("tenant_id").unwrap(),
+        roles_claim: ClaimPath::new("roles").unwrap(),
+    };
+    let client = IdpClient::new(None, Duration::from_secs(5)).unwrap();
+    let opts = VerifyOptions {
+        leeway_secs: 60,
+        max_token_bytes: 16384,
+    };
+    let r = IssuerRegistry::new(&[spec], &client, &key_opts(), opts, None);
+    for i in r.iter() {
+        i.keys().load_now().await.unwrap();
+    }
+    r
 }
 
 fn key_opts() -> KeyCacheOptions {
@@ -59,11 +96,6 @@ fn fixture() -> &'static Fixture {
             .build()
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let client = IdpClient::new(None, Duration::from_secs(5)).unwrap();
-        let opts = VerifyOptions {
-            leeway_secs: 60,
-            max_token_bytes: 16384,
-        };
         let verifiers = rt.block_on(async {
             let mut out = Vec::new();
             for alg in [
@@ -73,60 +105,15 @@ fn fixture() -> &'static Fixture {
                 SigningAlg::EdDSA,
             ] {
                 let issuer = LocalIssuer::start("/realms/bench", alg).await.unwrap();
-                // Keys from a file: no network in the measured path.
                 let path = dir.path().join(format!("{alg:?}.json"));
-                std::fs::write(&path, issuer.jwks_document().to_string()).unwrap();
-                let keys = Arc::new(IssuerKeys::new(
-                    issuer.issuer().into(),
-                    KeySource::File(path),
-                    client.clone(),
-                    key_opts(),
-                ));
-                keys.load_now().await.unwrap();
+                let verifier = registry(&issuer, path, Dialect::Keycloak).await;
                 let mut claims = issuer.claims_for("bench-user");
                 claims["exp"] = json!(unix_now() + 86_400);
                 let token = issuer.mint(claims);
                 let jwk = issuer.jwks_document()["keys"][0].clone();
-                let verifier = Verifier::new(
-                    vec![TrustedIssuer {
-                        issuer: issuer.issuer().into(),
-                        audiences: vec![],
-                        keys,
-                    }],
-                    opts,
-                );
                 out.push((alg, verifier, token, jwk));
             }
             out
-        });
-        // A separate authenticator over the RS256 issuer, with its token cached.
-        let (auth, cached_token) = rt.block_on(async {
-            let issuer = LocalIssuer::start("/realms/cache", SigningAlg::RS256)
-                .await
-                .unwrap();
-            let path = dir.path().join("cache.json");
-            std::fs::write(&path, issuer.jwks_document().to_string()).unwrap();
-            let keys = Arc::new(IssuerKeys::new(
-                issuer.issuer().into(),
-                KeySource::File(path),
-                client.clone(),
-                key_opts(),
-            ));
-            keys.load_now().await.unwrap();
-            let verifier = Verifier::new(
-                vec![TrustedIssuer {
-                    issuer: issuer.issuer().into(),
-                    audiences: vec![],
-                    keys,
-                }],
-                opts,
-            );
-            let auth = Authenticator::new(verifier, vec![rules(Dialect::Keycloak)], 100_000);
-            let mut claims = issuer.claims_for("cached-user");
-            claims["exp"] = json!(unix_now() + 86_400);
-            let token = issuer.mint(claims);
-            auth.authenticate(&token, unix_now()).await.unwrap();
-            (auth, token)
         });
         let provisioner = rt.block_on(async {
             let mut opts = sea_orm::ConnectOptions::new("sqlite::memory:");
@@ -135,18 +122,35 @@ fn fixture() -> &'static Fixture {
             <migration::Migrator as migration::MigratorTrait>::up(&db, None)
                 .await
                 .unwrap();
-            let app_roles: Vec<String> = ["admin", "member", "viewer"].map(String::from).to_vec();
-            Provisioner::new(
+            Arc::new(Provisioner::new(
                 db,
                 SyncOptions {
-                    roles: RoleMap::new(&app_roles, &[], "member").unwrap(),
-                    missing_tenant: MissingTenant::Reject,
                     tenant_schema: None,
                     cache_size: 100_000,
                     cache_ttl: Duration::from_secs(300),
                     last_seen_interval: Duration::from_secs(300),
                 },
-            )
+            ))
+        });
+        // A gatekeeper over a separate RS256 issuer, with its token cached.
+        let (auth, cached_token) = rt.block_on(async {
+            let issuer = LocalIssuer::start("/realms/cache", SigningAlg::RS256)
+                .await
+                .unwrap();
+            let registry =
+                registry(&issuer, dir.path().join("cache.json"), Dialect::Keycloak).await;
+            let auth = Gatekeeper::new(
+                Arc::new(registry),
+                100_000,
+                tenant_policy(),
+                provisioner.clone(),
+                OnDbError::Fail,
+            );
+            let mut claims = issuer.claims_for("cached-user");
+            claims["exp"] = json!(unix_now() + 86_400);
+            let token = issuer.mint(claims);
+            auth.authenticate(&token, unix_now()).await.unwrap();
+            (auth, token)
         });
         let keycloak: Map<String, Value> = serde_json::from_str(include_str!(
             "../tests/fixtures/claims/keycloak-26-access-token.json"
@@ -357,22 +361,31 @@ fn header_strip_and_inject(bencher: Bencher) {
             http::HeaderValue::from_static(v),
         );
     }
-    let forwarded = Forwarded {
+    let view = Provisioned {
         user_id: Some("b2433b81-188f-4c01-b2ed-053bee5391d3".into()),
         email: Some("grace.turing@example.com".into()),
         name: Some("Grace Turing".into()),
-        roles: vec!["default-roles-acme".into(), "admin".into(), "editor".into()],
         role: Some("admin".into()),
         tenant_id: Some("38394337-9aff-503a-b737-e711338283d4".into()),
-        tenant_ids: vec!["38394337-9aff-503a-b737-e711338283d4".into()],
         tenant_slug: Some("acme".into()),
+        idp_roles_apply: true,
+        synced: true,
         ..Default::default()
     };
+    let roles: Vec<String> = ["default-roles-acme", "admin", "editor"]
+        .map(String::from)
+        .to_vec();
     bencher
         .with_inputs(|| incoming.clone())
         .bench_local_values(|mut h| {
             headers::strip(&mut h, &names);
-            headers::inject(&mut h, &names, &forwarded);
+            headers::set_identity(
+                &mut h,
+                &names,
+                &view,
+                &roles,
+                ["38394337-9aff-503a-b737-e711338283d4"].into_iter(),
+            );
             h
         });
 }
@@ -386,9 +399,18 @@ fn sync_cache_hit(bencher: Bencher) {
         &rules(Dialect::Keycloak),
     )
     .unwrap();
-    f.rt.block_on(f.provisioner.sync(&identity, None)).unwrap();
+    let p = tenant_policy();
+    let plan = policy::decide(
+        &identity,
+        policy::target(&identity, None, &p).unwrap(),
+        Known::Nothing,
+        &p,
+    )
+    .unwrap()
+    .plan;
+    f.rt.block_on(f.provisioner.sync(&identity, &plan)).unwrap();
     bencher.bench(|| {
-        f.rt.block_on(f.provisioner.sync(divan::black_box(&identity), None))
+        f.rt.block_on(f.provisioner.sync(divan::black_box(&identity), &plan))
             .unwrap()
     });
 }

@@ -5,8 +5,8 @@
 //! Run: `cargo run --example demo`
 
 use clap::Parser;
-use idsync::config::Cli;
-use idsync::devkit::{EchoUpstream, LocalIssuer, SigningAlg};
+use devkit::{EchoUpstream, LocalIssuer, SigningAlg};
+use idsync::cli::Cli;
 use idsync::startup::Application;
 use serde_json::{Value, json};
 
@@ -35,8 +35,7 @@ async fn main() -> anyhow::Result<()> {
         "warn",
     ];
     let settings = Cli::try_parse_from(argv)?
-        .serve
-        .validate()
+        .serve_settings()
         .map_err(|problems| anyhow::anyhow!(problems.join("\n")))?;
     idsync::telemetry::init(settings.log_format, &settings.log_level);
     let app = Application::build(&settings).await?.spawn();
@@ -97,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let mut expired = claims.clone();
-    expired["exp"] = json!(idsync::http::auth::unix_now() - 3600);
+    expired["exp"] = json!(devkit::unix_now() - 3600);
     show(
         "5. Expired token",
         http.get(&url).bearer_auth(issuer.mint(expired)),

@@ -1,88 +1,48 @@
-//! Command line and environment: clap derive, where each doc comment is the `--help` text and every flag
-//! has an `IDSYNC_*` twin. Raw values are parsed in [`ServeArgs::validate`], which reports every problem at once.
+//! Command-line flags and their `IDSYNC_*` twins for `serve` (and the subcommands that take the same
+//! flags), parsed into [`Settings`]. clap derive, where each doc comment is the `--help` text. Every raw
+//! value is parsed on its own and every problem is reported at once; [`Settings`] is built only when there
+//! are none, so it can never be half-built.
 
-use crate::identity::RoleMap;
-use crate::identity::{ClaimPath, Dialect};
+use crate::access::{IssuerSpec, MissingTenant, OnDbError, TenantPolicy};
+use crate::http::cors::CorsPolicy;
+use crate::identity::{ClaimPath, Dialect, RoleMap, RoleMapError};
 use crate::oidc::{KeyCacheOptions, KeySource, VerifyOptions};
-use crate::provision::{MissingTenant, SyncOptions};
-use clap::{Args, Parser, Subcommand};
+use crate::provision::SyncOptions;
+use crate::telemetry::LogFormat;
+use clap::Args;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 use url::Url;
 
-/// idsync: an OIDC identity-sync sidecar. Verifies bearer JWTs against your IdP's keys, syncs users and
-/// tenants into your database, and forwards requests to your app with a trusted identity in headers.
-#[derive(Debug, Parser)]
-#[command(name = "idsync", version, args_conflicts_with_subcommands = true)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    /// With no subcommand, idsync serves.
-    #[command(flatten)]
-    pub serve: ServeArgs,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the sidecar: proxy port and admin port (the default).
-    Serve(Box<ServeArgs>),
-    /// Apply, revert or list database migrations.
-    ///
-    /// Examples: `idsync migrate up` (apply all pending), `idsync migrate down` (revert the last one),
-    /// `idsync migrate status`.
-    Migrate(MigrateArgs),
-    /// Check the configuration, every issuer's keys, the database and the upstream; exit 0 only if all is well.
-    ///
-    /// Takes the same flags and environment as `serve`. Example: `idsync check --upstream http://127.0.0.1:3000 --issuer https://sso.example.com/realms/acme`
-    Check(Box<ServeArgs>),
-    /// Work with tokens.
-    Token {
-        #[command(subcommand)]
-        command: TokenCommand,
-    },
-    /// Organizations, straight on the database.
-    Orgs(crate::cli::OrgsCommand),
-    /// Users, straight on the database.
-    Users(crate::cli::UsersCommand),
-    /// Memberships, straight on the database.
-    Memberships(crate::cli::MembershipsCommand),
-    /// Exit 0 when the local idsync is ready (for exec probes in images without a shell).
-    Healthcheck(crate::cli::HealthcheckArgs),
-}
-
-#[derive(Debug, Subcommand)]
-pub enum TokenCommand {
-    /// Decode a token, verify it, and explain what idsync would do with it (never prints the signature).
-    ///
-    /// Takes the same flags and environment as `serve`. Examples:
-    /// `idsync token inspect eyJ…`, `pbpaste | idsync token inspect - --output json`,
-    /// `idsync token inspect --jwks-file saved-jwks.json eyJ…` (no network at all).
-    Inspect(Box<crate::cli::InspectArgs>),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum MigrateAction {
-    /// Apply every pending migration.
-    Up,
-    /// Revert the most recent migration.
-    Down,
-    /// List applied and pending migrations.
-    Status,
-}
-
+/// The database, for every subcommand that touches it (declared once, global to all of them).
 #[derive(Debug, Clone, Args)]
-pub struct MigrateArgs {
-    pub action: MigrateAction,
-    /// Database: sqlite://PATH?mode=rwc or postgres://USER:PASS@HOST/DB.
+pub struct DatabaseArgs {
+    /// Database for synced users and tenants: sqlite://PATH?mode=rwc or postgres://USER:PASS@HOST/DB.
     #[arg(
         long,
         env = "IDSYNC_DATABASE_URL",
         default_value = "sqlite://idsync.db?mode=rwc",
-        hide_env_values = true
+        hide_env_values = true,
+        global = true
     )]
     pub database_url: String,
+}
+
+impl DatabaseArgs {
+    /// The URL, checked for a scheme idsync speaks.
+    pub fn url(&self) -> Result<DatabaseUrl, String> {
+        let url = DatabaseUrl::new(self.database_url.clone());
+        if url.is_sqlite()
+            || self.database_url.starts_with("postgres://")
+            || self.database_url.starts_with("postgresql://")
+        {
+            Ok(url)
+        } else {
+            Err("--database-url: must start with sqlite:, postgres:// or postgresql://".into())
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -111,15 +71,6 @@ pub struct ServeArgs {
     /// loopback address.
     #[arg(long, env = "IDSYNC_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
-
-    /// Database for synced users and tenants: sqlite://PATH?mode=rwc or postgres://USER:PASS@HOST/DB.
-    #[arg(
-        long,
-        env = "IDSYNC_DATABASE_URL",
-        default_value = "sqlite://idsync.db?mode=rwc",
-        hide_env_values = true
-    )]
-    pub database_url: String,
 
     /// Most database connections in the pool.
     #[arg(long, env = "IDSYNC_DATABASE_MAX_CONNECTIONS", default_value = "10")]
@@ -277,12 +228,6 @@ pub struct ServeArgs {
     pub tenant_schema: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OnDbError {
-    Fail,
-    Pass,
-}
-
 /// The admin API's bearer token; never printed.
 #[derive(Clone, PartialEq, Eq)]
 pub struct AdminToken(String);
@@ -336,22 +281,6 @@ impl fmt::Display for DatabaseUrl {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Clone, Debug)]
-pub struct IssuerSettings {
-    pub issuer: String,
-    pub dialect: Dialect,
-    pub audiences: Vec<String>,
-    pub source: KeySource,
-    pub tenant_claim: ClaimPath,
-    pub roles_claim: ClaimPath,
-}
-
 /// Validated configuration; only `startup` reads all of it.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -362,7 +291,7 @@ pub struct Settings {
     pub upstream: Url,
     pub upstream_connect_timeout: Duration,
     pub upstream_timeout: Duration,
-    pub issuers: Vec<IssuerSettings>,
+    pub issuers: Vec<IssuerSpec>,
     pub issuer_ca_pem: Option<Vec<u8>>,
     pub idp_timeout: Duration,
     pub key_cache: KeyCacheOptions,
@@ -370,7 +299,7 @@ pub struct Settings {
     pub token_cache_size: u64,
     pub skip_auth: Vec<String>,
     pub header_prefix: String,
-    pub cors: crate::http::cors::CorsPolicy,
+    pub cors: CorsPolicy,
     pub database_url: DatabaseUrl,
     pub database_max_connections: u32,
     pub database_timeout: Duration,
@@ -379,6 +308,7 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     pub header_read_timeout: Duration,
     pub migrate: bool,
+    pub policy: TenantPolicy,
     pub sync: SyncOptions,
     pub on_db_error: OnDbError,
 }
@@ -415,165 +345,125 @@ fn is_loopback_host(url: &Url) -> bool {
     }
 }
 
-/// Collects problems instead of stopping at the first one.
+/// Collects every problem instead of stopping at the first one. A parse that fails yields `None` only
+/// after recording why, so "some value is missing" always comes with a non-empty list.
+#[derive(Default)]
 struct Problems(Vec<String>);
 
 impl Problems {
     fn take<T>(&mut self, flag: &str, r: Result<T, String>) -> Option<T> {
         r.map_err(|e| self.0.push(format!("{flag}: {e}"))).ok()
     }
+
+    fn extend<T>(&mut self, r: Result<T, Vec<String>>) -> Option<T> {
+        r.map_err(|e| self.0.extend(e)).ok()
+    }
+
+    fn push(&mut self, problem: String) {
+        self.0.push(problem);
+    }
+
+    fn duration(&mut self, flag: &str, raw: &str) -> Option<Duration> {
+        self.take(flag, parse_duration(raw))
+    }
+
+    fn number<T: std::str::FromStr + PartialOrd + fmt::Display>(
+        &mut self,
+        flag: &str,
+        raw: &str,
+        range: std::ops::RangeInclusive<T>,
+    ) -> Option<T> {
+        let r = raw
+            .parse::<T>()
+            .map_err(|_| format!("`{raw}` is not a number"))
+            .and_then(|n| {
+                if range.contains(&n) {
+                    Ok(n)
+                } else {
+                    Err(format!(
+                        "must be between {} and {}",
+                        range.start(),
+                        range.end()
+                    ))
+                }
+            });
+        self.take(flag, r)
+    }
+
+    fn addr(&mut self, flag: &str, raw: &str) -> Option<SocketAddr> {
+        self.take(
+            flag,
+            raw.parse::<SocketAddr>()
+                .map_err(|_| format!("`{raw}` is not HOST:PORT (e.g. 0.0.0.0:8080)")),
+        )
+    }
+
+    fn choice<T: Copy>(&mut self, flag: &str, raw: &str, choices: &[(&str, T)]) -> Option<T> {
+        let found = choices
+            .iter()
+            .find(|(name, _)| *name == raw)
+            .map(|(_, v)| *v);
+        let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+        self.take(
+            flag,
+            found.ok_or_else(|| format!("`{raw}` is not one of: {}", names.join(", "))),
+        )
+    }
+}
+
+/// The listeners and the admin token.
+struct Listeners {
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+    admin_token: Option<AdminToken>,
+    header_read_timeout: Duration,
+    shutdown_timeout: Duration,
 }
 
 impl ServeArgs {
     /// Parses and checks everything; on failure returns every problem found.
-    pub fn validate(&self) -> Result<Settings, Vec<String>> {
-        let mut p = Problems(Vec::new());
-        let addr = |s: &str| {
-            s.parse::<SocketAddr>()
-                .map_err(|_| format!("`{s}` is not HOST:PORT (e.g. 0.0.0.0:8080)"))
+    pub fn validate(&self, db: &DatabaseArgs) -> Result<Settings, Vec<String>> {
+        let mut p = Problems::default();
+        let settings = self.build(db, &mut p);
+        match settings {
+            Some(s) if p.0.is_empty() => Ok(s),
+            _ => Err(p.0),
+        }
+    }
+
+    /// Every group is parsed before any is combined, so every problem is recorded.
+    fn build(&self, db: &DatabaseArgs, p: &mut Problems) -> Option<Settings> {
+        let listeners = self.listeners(p);
+        let upstream = self.upstream(p);
+        let upstream_connect_timeout =
+            p.duration("--upstream-connect-timeout", &self.upstream_connect_timeout);
+        let upstream_timeout = p.duration("--upstream-timeout", &self.upstream_timeout);
+        let issuers = self.issuers(p);
+        let issuer_ca_pem = match &self.issuer_ca_file {
+            None => Some(None),
+            Some(path) => p
+                .take(
+                    "--issuer-ca-file",
+                    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display())),
+                )
+                .map(Some),
         };
-        let dur = |s: &str| parse_duration(s);
-        let listen = p.take("--listen", addr(&self.listen));
-        let admin_listen = p.take("--admin-listen", addr(&self.admin_listen));
-        let upstream = match &self.upstream {
-            None => {
-                p.0.push(
-                    "--upstream: required (the app behind idsync, e.g. http://127.0.0.1:3000)"
-                        .into(),
-                );
-                None
-            }
-            Some(u) => p.take(
-                "--upstream",
-                Url::parse(u)
-                    .map_err(|e| format!("`{u}`: {e}"))
-                    .and_then(|u| {
-                        if u.scheme() != "http" {
-                            Err("must be an http:// URL (the app runs next to idsync)".into())
-                        } else if u.host().is_none() {
-                            Err("has no host".into())
-                        } else {
-                            Ok(u)
-                        }
-                    }),
-            ),
-        };
-        let admin_token = self.admin_token_file.as_ref().and_then(|path| {
-            p.take(
-                "--admin-token-file",
-                std::fs::read_to_string(path)
-                    .map_err(|e| format!("{}: {e}", path.display()))
-                    .and_then(|t| {
-                        let t = t.trim().to_owned();
-                        if t.len() < 16 {
-                            Err("the token must be at least 16 characters".into())
-                        } else {
-                            Ok(AdminToken(t))
-                        }
-                    }),
-            )
-        });
-        if let Some(addr) = &admin_listen
-            && !is_loopback(addr)
-            && self.admin_token_file.is_none()
-        {
-            p.0.push(format!(
-                "--admin-listen: {addr} is not a loopback address, so the admin API needs --admin-token-file (or listen on 127.0.0.1)"
-            ));
-        }
-        let tenant_claim = p.take("--tenant-claim", ClaimPath::new(self.tenant_claim.clone()));
-        let roles_claim = p.take("--roles-claim", ClaimPath::new(self.roles_claim.clone()));
-        let mut issuers = Vec::new();
-        if self.issuers.is_empty() {
-            p.0.push("--issuer: at least one is required (e.g. --issuer https://sso.example.com/realms/acme)".into());
-        }
-        for spec in &self.issuers {
-            if let (Some(t), Some(r)) = (&tenant_claim, &roles_claim) {
-                match parse_issuer(spec, self.allow_insecure_issuers, t, r) {
-                    Ok(i)
-                        if issuers
-                            .iter()
-                            .any(|x: &IssuerSettings| x.issuer == i.issuer) =>
-                    {
-                        p.0.push(format!("--issuer: `{}` is configured twice", i.issuer));
-                    }
-                    Ok(i) => issuers.push(i),
-                    Err(errs) => {
-                        p.0.extend(errs.into_iter().map(|e| format!("--issuer `{spec}`: {e}")))
-                    }
-                }
-            }
-        }
-        let issuer_ca_pem = self.issuer_ca_file.as_ref().and_then(|path| {
-            p.take(
-                "--issuer-ca-file",
-                std::fs::read(path).map_err(|e| format!("{}: {e}", path.display())),
-            )
-        });
-        let idp_timeout = p.take("--idp-timeout", dur(&self.idp_timeout));
-        let refresh = p.take("--jwks-refresh-interval", dur(&self.jwks_refresh_interval));
-        let cooldown = p.take("--jwks-refetch-cooldown", dur(&self.jwks_refetch_cooldown));
-        let max_stale = p.take("--jwks-max-stale", dur(&self.jwks_max_stale));
-        let file_poll = p.take("--key-file-poll", dur(&self.key_file_poll));
-        let leeway = p.take("--leeway", dur(&self.leeway));
-        let max_token_bytes = p.take(
-            "--max-token-bytes",
-            self.max_token_bytes
-                .parse::<usize>()
-                .map_err(|_| "not a number of bytes".to_string())
-                .and_then(|n| {
-                    if (256..=1024 * 1024).contains(&n) {
-                        Ok(n)
-                    } else {
-                        Err("must be between 256 and 1048576".into())
-                    }
-                }),
-        );
-        let token_cache_size = p.take(
-            "--token-cache-size",
-            self.token_cache_size
-                .parse::<u64>()
-                .map_err(|_| "not a number".into()),
-        );
-        let db_max = p.take(
+        let idp_timeout = p.duration("--idp-timeout", &self.idp_timeout);
+        let key_cache = self.key_cache(p);
+        let verify = self.verify(p);
+        let token_cache_size = p.number("--token-cache-size", &self.token_cache_size, 0..=u64::MAX);
+        let edge = self.edge(p);
+        let database_url = p.take("--database-url", db.url());
+        let database_max_connections = p.number(
             "--database-max-connections",
-            self.database_max_connections
-                .parse::<u32>()
-                .map_err(|_| "not a number".to_string())
-                .and_then(|n| {
-                    if n == 0 {
-                        Err("must be at least 1".into())
-                    } else {
-                        Ok(n)
-                    }
-                }),
+            &self.database_max_connections,
+            1..=10_000,
         );
-        let cors_max_age = p.take("--cors-max-age", dur(&self.cors_max_age));
-        let cors = cors_max_age.and_then(|max_age| {
-            p.take(
-                "--cors-allow-origin",
-                crate::http::cors::CorsPolicy::new(
-                    &self.cors_allow_origin,
-                    &self.cors_allow_headers,
-                    max_age,
-                ),
-            )
-        });
-        let header_read_timeout = p.take("--header-read-timeout", dur(&self.header_read_timeout));
-        let database_timeout = p.take("--database-timeout", dur(&self.database_timeout));
-        let upstream_connect_timeout = p.take(
-            "--upstream-connect-timeout",
-            dur(&self.upstream_connect_timeout),
-        );
-        let upstream_timeout = p.take("--upstream-timeout", dur(&self.upstream_timeout));
-        let shutdown_timeout = p.take("--shutdown-timeout", dur(&self.shutdown_timeout));
-        let log_format = p.take(
+        let database_timeout = p.duration("--database-timeout", &self.database_timeout);
+        let log_format = p.choice(
             "--log-format",
-            match self.log_format.as_str() {
-                "text" => Ok(LogFormat::Text),
-                "json" => Ok(LogFormat::Json),
-                other => Err(format!("`{other}` is not one of: text, json")),
-            },
+            &self.log_format,
+            &[("text", LogFormat::Text), ("json", LogFormat::Json)],
         );
         let log_level = p.take(
             "--log-level",
@@ -581,65 +471,234 @@ impl ServeArgs {
                 .map(|_| self.log_level.clone())
                 .map_err(|e| e.to_string()),
         );
+        let migrate = p.choice(
+            "--migrate",
+            &self.migrate,
+            &[("auto", true), ("skip", false)],
+        );
+        let policy = self.policy(p);
+        let sync = self.sync(database_url.as_ref(), p);
+        let on_db_error = p.choice(
+            "--on-db-error",
+            &self.on_db_error,
+            &[("fail", OnDbError::Fail), ("pass", OnDbError::Pass)],
+        );
+
+        let listeners = listeners?;
+        let (skip_auth, header_prefix, cors) = edge?;
+        Some(Settings {
+            listen: listeners.listen,
+            admin_listen: listeners.admin_listen,
+            admin_token: listeners.admin_token,
+            upstream: upstream?,
+            upstream_connect_timeout: upstream_connect_timeout?,
+            upstream_timeout: upstream_timeout?,
+            issuers: issuers?,
+            issuer_ca_pem: issuer_ca_pem?,
+            idp_timeout: idp_timeout?,
+            key_cache: key_cache?,
+            verify: verify?,
+            token_cache_size: token_cache_size?,
+            skip_auth,
+            header_prefix,
+            cors,
+            database_url: database_url?,
+            database_max_connections: database_max_connections?,
+            database_timeout: database_timeout?,
+            log_format: log_format?,
+            log_level: log_level?,
+            shutdown_timeout: listeners.shutdown_timeout,
+            header_read_timeout: listeners.header_read_timeout,
+            migrate: migrate?,
+            policy: policy?,
+            sync: sync?,
+            on_db_error: on_db_error?,
+        })
+    }
+
+    fn listeners(&self, p: &mut Problems) -> Option<Listeners> {
+        let listen = p.addr("--listen", &self.listen);
+        let admin_listen = p.addr("--admin-listen", &self.admin_listen);
+        let admin_token = match &self.admin_token_file {
+            None => Some(None),
+            Some(path) => p
+                .take(
+                    "--admin-token-file",
+                    std::fs::read_to_string(path)
+                        .map_err(|e| format!("{}: {e}", path.display()))
+                        .and_then(|t| {
+                            let t = t.trim().to_owned();
+                            if t.len() < 16 {
+                                Err("the token must be at least 16 characters".into())
+                            } else {
+                                Ok(AdminToken(t))
+                            }
+                        }),
+                )
+                .map(Some),
+        };
+        if let Some(addr) = &admin_listen
+            && !is_loopback(addr)
+            && self.admin_token_file.is_none()
+        {
+            p.push(format!(
+                "--admin-listen: {addr} is not a loopback address, so the admin API needs --admin-token-file (or listen on 127.0.0.1)"
+            ));
+        }
+        let header_read_timeout = p.duration("--header-read-timeout", &self.header_read_timeout);
+        let shutdown_timeout = p.duration("--shutdown-timeout", &self.shutdown_timeout);
+        Some(Listeners {
+            listen: listen?,
+            admin_listen: admin_listen?,
+            admin_token: admin_token?,
+            header_read_timeout: header_read_timeout?,
+            shutdown_timeout: shutdown_timeout?,
+        })
+    }
+
+    /// The upstream URL, validated here once: `http://` with a host (the app runs next to idsync).
+    fn upstream(&self, p: &mut Problems) -> Option<Url> {
+        let Some(raw) = &self.upstream else {
+            p.push(
+                "--upstream: required (the app behind idsync, e.g. http://127.0.0.1:3000)".into(),
+            );
+            return None;
+        };
+        p.take(
+            "--upstream",
+            Url::parse(raw)
+                .map_err(|e| format!("`{raw}`: {e}"))
+                .and_then(|u| {
+                    if u.scheme() != "http" {
+                        Err("must be an http:// URL (the app runs next to idsync)".into())
+                    } else if u.host().is_none() {
+                        Err("has no host".into())
+                    } else if u.query().is_some() || u.fragment().is_some() {
+                        Err("must not have a query or a fragment".into())
+                    } else {
+                        Ok(u)
+                    }
+                }),
+        )
+    }
+
+    fn issuers(&self, p: &mut Problems) -> Option<Vec<IssuerSpec>> {
+        let tenant_claim = p.take("--tenant-claim", ClaimPath::new(self.tenant_claim.clone()));
+        let roles_claim = p.take("--roles-claim", ClaimPath::new(self.roles_claim.clone()));
+        if self.issuers.is_empty() {
+            p.push("--issuer: at least one is required (e.g. --issuer https://sso.example.com/realms/acme)".into());
+        }
+        let (tenant_claim, roles_claim) = (tenant_claim?, roles_claim?);
+        let mut issuers: Vec<IssuerSpec> = Vec::new();
+        for spec in &self.issuers {
+            match parse_issuer(
+                spec,
+                self.allow_insecure_issuers,
+                &tenant_claim,
+                &roles_claim,
+            ) {
+                Ok(i) if issuers.iter().any(|x| x.issuer == i.issuer) => {
+                    p.push(format!("--issuer: `{}` is configured twice", i.issuer));
+                }
+                Ok(i) => issuers.push(i),
+                Err(errs) => {
+                    for e in errs {
+                        p.push(format!("--issuer `{spec}`: {e}"));
+                    }
+                }
+            }
+        }
+        Some(issuers)
+    }
+
+    fn key_cache(&self, p: &mut Problems) -> Option<KeyCacheOptions> {
+        let refresh_interval = p.duration("--jwks-refresh-interval", &self.jwks_refresh_interval);
+        let refetch_cooldown = p.duration("--jwks-refetch-cooldown", &self.jwks_refetch_cooldown);
+        let max_stale = p.duration("--jwks-max-stale", &self.jwks_max_stale);
+        let file_poll = p.duration("--key-file-poll", &self.key_file_poll);
+        Some(KeyCacheOptions {
+            refresh_interval: refresh_interval?,
+            refetch_cooldown: refetch_cooldown?,
+            max_stale: max_stale?,
+            file_poll: file_poll?,
+        })
+    }
+
+    fn verify(&self, p: &mut Problems) -> Option<VerifyOptions> {
+        let leeway = p.duration("--leeway", &self.leeway);
+        let max_token_bytes = p.number(
+            "--max-token-bytes",
+            &self.max_token_bytes,
+            256..=1024 * 1024,
+        );
+        Some(VerifyOptions {
+            leeway_secs: leeway?.as_secs() as i64,
+            max_token_bytes: max_token_bytes?,
+        })
+    }
+
+    /// Skip-auth prefixes, the header prefix and CORS.
+    fn edge(&self, p: &mut Problems) -> Option<(Vec<String>, String, CorsPolicy)> {
         let mut skip_auth = Vec::new();
         for prefix in &self.skip_auth {
-            if !prefix.starts_with('/') {
-                p.0.push(format!("--skip-auth: `{prefix}` must start with /"));
-            } else {
+            if prefix.starts_with('/') {
                 skip_auth.push(prefix.clone());
+            } else {
+                p.push(format!("--skip-auth: `{prefix}` must start with /"));
             }
         }
         p.take(
             "--header-prefix",
-            crate::http::headers::HeaderNames::new(&self.header_prefix).map(|_| ()),
+            crate::http::headers::HeaderNames::new(&self.header_prefix)
+                .map(|_| ())
+                .map_err(|e| format!("`{}`: {e}", self.header_prefix)),
         );
-        let database_url = DatabaseUrl::new(self.database_url.clone());
-        if !(database_url.is_sqlite()
-            || self.database_url.starts_with("postgres://")
-            || self.database_url.starts_with("postgresql://"))
-        {
-            p.0.push(
-                "--database-url: must start with sqlite:, postgres:// or postgresql://".into(),
-            );
-        }
-        let migrate = p.take(
-            "--migrate",
-            match self.migrate.as_str() {
-                "auto" => Ok(true),
-                "skip" => Ok(false),
-                other => Err(format!("`{other}` is not one of: auto, skip")),
-            },
+        let cors = p
+            .duration("--cors-max-age", &self.cors_max_age)
+            .and_then(|max_age| {
+                p.take(
+                    "--cors-allow-origin",
+                    CorsPolicy::new(&self.cors_allow_origin, &self.cors_allow_headers, max_age),
+                )
+            });
+        Some((skip_auth, self.header_prefix.clone(), cors?))
+    }
+
+    fn policy(&self, p: &mut Problems) -> Option<TenantPolicy> {
+        let roles = p.extend(
+            RoleMap::new(&self.app_roles, &self.role_map, &self.default_role).map_err(|errors| {
+                errors
+                    .into_iter()
+                    .map(|e| {
+                        let flag = match e {
+                            RoleMapError::NoAppRoles => "--app-roles",
+                            RoleMapError::MappedToUnknown { .. } | RoleMapError::NotAMapping(_) => {
+                                "--role-map"
+                            }
+                            RoleMapError::UnknownDefault { .. } => "--default-role",
+                        };
+                        format!("{flag}: {e}")
+                    })
+                    .collect()
+            }),
         );
-        let roles = match RoleMap::new(&self.app_roles, &self.role_map, &self.default_role) {
-            Ok(r) => Some(r),
-            Err(errs) => {
-                p.0.extend(errs);
-                None
-            }
-        };
-        let missing_tenant = p.take(
+        let missing = p.take(
             "--missing-tenant",
             MissingTenant::parse(&self.missing_tenant),
         );
-        let last_seen_interval = p.take("--last-seen-interval", dur(&self.last_seen_interval));
-        let sync_cache_size = p.take(
-            "--sync-cache-size",
-            self.sync_cache_size
-                .parse::<u64>()
-                .map_err(|_| "not a number".into()),
-        );
-        let sync_cache_ttl = p.take("--sync-cache-ttl", dur(&self.sync_cache_ttl));
-        let on_db_error = p.take(
-            "--on-db-error",
-            match self.on_db_error.as_str() {
-                "fail" => Ok(OnDbError::Fail),
-                "pass" => Ok(OnDbError::Pass),
-                other => Err(format!("`{other}` is not one of: fail, pass")),
-            },
-        );
+        Some(TenantPolicy {
+            missing: missing?,
+            roles: roles?,
+        })
+    }
+
+    fn sync(&self, database: Option<&DatabaseUrl>, p: &mut Problems) -> Option<SyncOptions> {
+        let last_seen_interval = p.duration("--last-seen-interval", &self.last_seen_interval);
+        let cache_size = p.number("--sync-cache-size", &self.sync_cache_size, 0..=u64::MAX);
+        let cache_ttl = p.duration("--sync-cache-ttl", &self.sync_cache_ttl);
         if let Some(template) = &self.tenant_schema {
-            if DatabaseUrl::new(self.database_url.clone()).is_sqlite() {
-                p.0.push("--tenant-schema: schemas per tenant need PostgreSQL; SQLite has no schemas (remove the flag or use a postgres:// --database-url)".into());
+            if database.is_some_and(DatabaseUrl::is_sqlite) {
+                p.push("--tenant-schema: schemas per tenant need PostgreSQL; SQLite has no schemas (remove the flag or use a postgres:// --database-url)".into());
             } else {
                 p.take(
                     "--tenant-schema",
@@ -648,116 +707,11 @@ impl ServeArgs {
                 );
             }
         }
-        if !p.0.is_empty() {
-            return Err(p.0);
-        }
-        let (Some(database_timeout), Some(cors), Some(header_read_timeout)) =
-            (database_timeout, cors, header_read_timeout)
-        else {
-            return Err(vec!["internal: a setting was not parsed".into()]);
-        };
-        let (
-            Some(migrate),
-            Some(roles),
-            Some(missing_tenant),
-            Some(last_seen_interval),
-            Some(sync_cache_size),
-            Some(sync_cache_ttl),
-            Some(on_db_error),
-        ) = (
-            migrate,
-            roles,
-            missing_tenant,
-            last_seen_interval,
-            sync_cache_size,
-            sync_cache_ttl,
-            on_db_error,
-        )
-        else {
-            return Err(vec!["internal: a setting was not parsed".into()]);
-        };
-        // Every `take` above succeeded, so every Option is Some.
-        let (
-            Some(listen),
-            Some(admin_listen),
-            Some(upstream),
-            Some(idp_timeout),
-            Some(refresh),
-            Some(cooldown),
-            Some(max_stale),
-            Some(file_poll),
-            Some(leeway),
-            Some(max_token_bytes),
-            Some(token_cache_size),
-            Some(db_max),
-            Some(upstream_connect_timeout),
-            Some(upstream_timeout),
-            Some(shutdown_timeout),
-            Some(log_format),
-            Some(log_level),
-        ) = (
-            listen,
-            admin_listen,
-            upstream,
-            idp_timeout,
-            refresh,
-            cooldown,
-            max_stale,
-            file_poll,
-            leeway,
-            max_token_bytes,
-            token_cache_size,
-            db_max,
-            upstream_connect_timeout,
-            upstream_timeout,
-            shutdown_timeout,
-            log_format,
-            log_level,
-        )
-        else {
-            return Err(vec!["internal: a setting was not parsed".into()]);
-        };
-        Ok(Settings {
-            listen,
-            admin_listen,
-            admin_token,
-            upstream,
-            upstream_connect_timeout,
-            upstream_timeout,
-            issuers,
-            issuer_ca_pem,
-            idp_timeout,
-            key_cache: KeyCacheOptions {
-                refresh_interval: refresh,
-                refetch_cooldown: cooldown,
-                max_stale,
-                file_poll,
-            },
-            verify: VerifyOptions {
-                leeway_secs: leeway.as_secs() as i64,
-                max_token_bytes,
-            },
-            token_cache_size,
-            skip_auth,
-            header_prefix: self.header_prefix.clone(),
-            cors,
-            database_url,
-            database_max_connections: db_max,
-            database_timeout,
-            log_format,
-            log_level,
-            shutdown_timeout,
-            header_read_timeout,
-            migrate,
-            sync: SyncOptions {
-                roles,
-                missing_tenant,
-                tenant_schema: self.tenant_schema.clone(),
-                cache_size: sync_cache_size,
-                cache_ttl: sync_cache_ttl,
-                last_seen_interval,
-            },
-            on_db_error,
+        Some(SyncOptions {
+            tenant_schema: self.tenant_schema.clone(),
+            cache_size: cache_size?,
+            cache_ttl: cache_ttl?,
+            last_seen_interval: last_seen_interval?,
         })
     }
 }
@@ -779,7 +733,7 @@ fn parse_issuer(
     allow_insecure: bool,
     tenant: &ClaimPath,
     roles: &ClaimPath,
-) -> Result<IssuerSettings, Vec<String>> {
+) -> Result<IssuerSpec, Vec<String>> {
     let mut errors = Vec::new();
     let mut parts = spec.split(',').map(str::trim);
     let raw_url = parts.next().unwrap_or_default();
@@ -846,7 +800,7 @@ fn parse_issuer(
         _ => KeySource::Discovery,
     };
     // The issuer is matched against `iss` verbatim, so keep the operator's spelling, not the parsed URL's.
-    Ok(IssuerSettings {
+    Ok(IssuerSpec {
         issuer: raw_url.to_owned(),
         dialect,
         audiences,
@@ -867,12 +821,30 @@ pub fn is_loopback(addr: &SocketAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::TenantId;
     use clap::Parser;
 
-    fn args(extra: &[&str]) -> ServeArgs {
+    /// The serve flags as the binary declares them: the global database flag beside the serve flags.
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    struct Parsed(Flags);
+
+    impl Parsed {
+        fn validate(&self) -> Result<Settings, Vec<String>> {
+            self.0.serve.validate(&self.0.db)
+        }
+    }
+
+    fn args(extra: &[&str]) -> Parsed {
         let mut argv = vec!["idsync"];
         argv.extend_from_slice(extra);
-        Cli::try_parse_from(argv).unwrap().serve
+        Parsed(Flags::try_parse_from(argv).unwrap())
     }
 
     #[test]
@@ -1004,10 +976,10 @@ mod tests {
         .validate()
         .unwrap();
         assert_eq!(
-            s.sync.missing_tenant,
-            MissingTenant::Default("org-1".into())
+            s.policy.missing,
+            MissingTenant::Default(TenantId::parse("t", "org-1").unwrap())
         );
-        assert_eq!(s.sync.roles.app_role(&["ops".to_string()]), "admin");
+        assert_eq!(s.policy.roles.app_role(&["ops".to_string()]), "admin");
         assert_eq!(s.on_db_error, OnDbError::Pass);
         let errs = args(&[
             "--upstream",
@@ -1043,7 +1015,7 @@ mod tests {
     #[test]
     fn every_flag_has_an_idsync_env_twin() {
         use clap::CommandFactory;
-        let cmd = Cli::command();
+        let cmd = Flags::command();
         for arg in cmd.get_arguments().filter(|a| a.get_long().is_some()) {
             let long = arg.get_long().unwrap();
             if ["help", "version"].contains(&long) {

@@ -1,11 +1,13 @@
 //! idsync: an OIDC identity-sync sidecar. Module map (arrows point down only):
-//! `http` -> {`oidc`, `identity`}; `oidc` knows no IdP dialect; `identity` does no I/O;
-//! `startup` is the one composition root. See docs/architecture.md.
+//! `main` -> `cli` -> `startup` -> `config` -> `http` -> `directory` -> `access` -> {`oidc`, `provision`}
+//! -> `identity`; `telemetry` at the bottom. `oidc` knows no IdP dialect; `identity` does no I/O;
+//! `provision` never sees HTTP; `http` never builds SQL; `startup` is the one composition root.
+//! See docs/architecture.md.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod cli;
 pub mod config;
-pub mod devkit;
 pub mod directory;
 pub mod http;
 pub mod identity;

@@ -1,9 +1,10 @@
-//! The `idsync` binary: parse config, set up telemetry, build the application, serve until SIGTERM.
+//! The `idsync` binary: parse the command line, set up telemetry, build the application, serve until
+//! SIGTERM (or run one subcommand).
 
 use clap::Parser;
-use idsync::cli;
-use idsync::config::{Cli, Command, TokenCommand};
+use idsync::cli::{self, Cli, Command, TokenCommand};
 use idsync::startup::{Application, shutdown_signal};
+use idsync::telemetry::LogFormat;
 use std::process::ExitCode;
 
 // mimalloc over glibc malloc: glibc's malloc/free and arena locks were 13 % of a warm request's CPU;
@@ -14,26 +15,27 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let db = &cli.db;
     let args = match cli.command {
         Some(Command::Serve(args)) => *args,
-        Some(Command::Migrate(args)) => return cli::migrate(args).await,
+        Some(Command::Migrate(args)) => return cli::migrate(args, db).await,
         Some(Command::Check(args)) => {
-            idsync::telemetry::init(idsync::config::LogFormat::Text, "error");
-            return cli::check(&args).await;
+            idsync::telemetry::init(LogFormat::Text, "error");
+            return cli::check(&args, db).await;
         }
         Some(Command::Token {
             command: TokenCommand::Inspect(args),
         }) => {
-            idsync::telemetry::init(idsync::config::LogFormat::Text, "error");
-            return cli::inspect(*args).await;
+            idsync::telemetry::init(LogFormat::Text, "error");
+            return cli::inspect(*args, db).await;
         }
-        Some(Command::Orgs(cmd)) => return cli::run_orgs(cmd).await,
-        Some(Command::Users(cmd)) => return cli::run_users(cmd).await,
-        Some(Command::Memberships(cmd)) => return cli::run_memberships(cmd).await,
+        Some(Command::Orgs(cmd)) => return cli::run_orgs(cmd, db).await,
+        Some(Command::Users(cmd)) => return cli::run_users(cmd, db).await,
+        Some(Command::Memberships(cmd)) => return cli::run_memberships(cmd, db).await,
         Some(Command::Healthcheck(args)) => return cli::healthcheck(args).await,
         None => cli.serve,
     };
-    let settings = match cli::settings_or_exit(&args) {
+    let settings = match cli::settings_or_exit(&args, db) {
         Ok(s) => s,
         Err(code) => return code,
     };

@@ -1,15 +1,15 @@
 //! The composition root: the one place that reads all of [`Settings`], connects the database, runs
 //! migrations, builds the key caches and the pipeline, binds both listeners and owns background tasks.
 
+use crate::access::{Gatekeeper, IssuerRegistry, OnDbError};
 use crate::config::Settings;
 use crate::directory::Directory;
 use crate::http::admin::{self, AdminState};
-use crate::http::auth::Authenticator;
+use crate::http::admin_api::ApiState;
 use crate::http::headers::HeaderNames;
 use crate::http::proxy::Upstream;
 use crate::http::{self as edge, AppState};
-use crate::identity::MappingRules;
-use crate::oidc::{IdpClient, IssuerKeys, TrustedIssuer, Verifier};
+use crate::oidc::IdpClient;
 use crate::provision::Provisioner;
 use anyhow::Context;
 use migration::{Migrator, MigratorTrait};
@@ -26,13 +26,18 @@ pub struct Application {
     admin_listener: TcpListener,
     state: Arc<AppState>,
     admin: AdminState,
+    api: ApiState,
     background: Vec<JoinHandle<()>>,
     shutdown_timeout: Duration,
     header_read_timeout: Duration,
 }
 
 /// Connects with pool limits that fail fast: a request waiting on a dead database gets 503 in seconds.
-pub async fn connect_database(settings: &Settings) -> anyhow::Result<DatabaseConnection> {
+/// `lazy` opens no connection now (pass mode starts without its database).
+pub async fn connect_database(
+    settings: &Settings,
+    lazy: bool,
+) -> anyhow::Result<DatabaseConnection> {
     let url = settings.database_url.expose();
     let mut opts = ConnectOptions::new(url.to_owned());
     let max = if url.contains(":memory:") {
@@ -51,76 +56,111 @@ pub async fn connect_database(settings: &Settings) -> anyhow::Result<DatabaseCon
         .min_connections(0)
         .connect_timeout(settings.database_timeout)
         .acquire_timeout(settings.database_timeout)
+        .connect_lazy(lazy)
         .sqlx_logging(false);
+    if lazy && settings.database_url.is_sqlite() {
+        // sea-orm's SQLite connector asks the server version even when lazy; build the lazy pool here.
+        use sea_orm::sqlx::ConnectOptions as _;
+        use sea_orm::sqlx::sqlite::SqliteConnectOptions;
+        let sqlite: SqliteConnectOptions = url
+            .parse::<SqliteConnectOptions>()
+            .with_context(|| format!("the database URL {}", settings.database_url))?
+            .journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+            .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5))
+            .disable_statement_logging();
+        let pool = opts
+            .sqlx_pool_options::<sea_orm::sqlx::Sqlite>()
+            .connect_lazy_with(sqlite);
+        return Ok(sea_orm::SqlxSqliteConnector::from_sqlx_sqlite_pool(pool));
+    }
     Database::connect(opts)
         .await
         .with_context(|| format!("cannot connect to the database {}", settings.database_url))
 }
 
+/// Migrations per `--migrate`: applied (auto), or checked to be applied (skip).
+async fn prepare_schema(db: &DatabaseConnection, migrate: bool) -> anyhow::Result<()> {
+    if migrate {
+        Migrator::up(db, None)
+            .await
+            .context("database migrations failed")?;
+    } else if !Migrator::get_pending_migrations(db)
+        .await
+        .context("cannot read migration status")?
+        .is_empty()
+    {
+        anyhow::bail!(
+            "the database has pending migrations and --migrate skip is set: run `idsync migrate up` first"
+        );
+    }
+    Ok(())
+}
+
 impl Application {
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
-        let mut db = connect_database(settings).await?;
+        let mut background = Vec::new();
+        let pass = settings.on_db_error == OnDbError::Pass;
+        let mut db = connect_database(settings, pass).await?;
         // Counts every statement, so "the warm path touches no database" is measurable, not assumed.
         db.set_metric_callback(|_| metrics::counter!("idsync_db_statements_total").increment(1));
-        if settings.migrate {
-            Migrator::up(&db, None)
-                .await
-                .context("database migrations failed")?;
-        } else if !Migrator::get_pending_migrations(&db)
-            .await
-            .context("cannot read migration status")?
-            .is_empty()
-        {
-            anyhow::bail!(
-                "the database has pending migrations and --migrate skip is set: run `idsync migrate up` first"
-            );
+        match prepare_schema(&db, settings.migrate).await {
+            Ok(()) => {}
+            Err(e) if pass => {
+                // Pass mode serves without its database; the schema is prepared once it answers.
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "the database is not ready; serving without it (--on-db-error pass) and retrying in the background"
+                );
+                let (db, migrate) = (db.clone(), settings.migrate);
+                background.push(tokio::spawn(async move {
+                    let mut backoff = Duration::from_millis(500);
+                    while let Err(e) = prepare_schema(&db, migrate).await {
+                        tracing::debug!(error = format!("{e:#}"), "database still not ready");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                    tracing::info!("the database is ready");
+                }));
+            }
+            Err(e) => return Err(e),
         }
         let provisioner = Arc::new(Provisioner::new(db.clone(), settings.sync.clone()));
 
         let client = IdpClient::new(settings.issuer_ca_pem.as_deref(), settings.idp_timeout)
-            .map_err(anyhow::Error::msg)?;
-        let mut trusted = Vec::new();
-        let mut rules = Vec::new();
-        let mut background = Vec::new();
-        for issuer in &settings.issuers {
-            let keys = Arc::new(IssuerKeys::new(
-                issuer.issuer.clone(),
-                issuer.source.clone(),
-                client.clone(),
-                settings.key_cache.clone(),
-            ));
-            background.push(tokio::spawn(keys.clone().run()));
-            trusted.push(TrustedIssuer {
-                issuer: issuer.issuer.clone(),
-                audiences: issuer.audiences.clone(),
-                keys,
-            });
-            rules.push(MappingRules {
-                dialect: issuer.dialect,
-                tenant_claim: issuer.tenant_claim.clone(),
-                roles_claim: issuer.roles_claim.clone(),
-            });
-        }
-        let verifier = Verifier::new(trusted, settings.verify);
-        let auth = Authenticator::new(verifier, rules, settings.token_cache_size);
+            .context("--issuer-ca-file")?;
+        let registry = Arc::new(IssuerRegistry::new(
+            &settings.issuers,
+            &client,
+            &settings.key_cache,
+            settings.verify,
+            None,
+        ));
+        background.extend(registry.spawn_key_refresh());
+        let gatekeeper = Arc::new(Gatekeeper::new(
+            registry,
+            settings.token_cache_size,
+            settings.policy.clone(),
+            provisioner.clone(),
+            settings.on_db_error,
+        ));
         let upstream = Upstream::new(
             &settings.upstream,
             settings.upstream_connect_timeout,
             settings.upstream_timeout,
         )
-        .map_err(anyhow::Error::msg)?;
+        .context("--upstream")?;
         let names = HeaderNames::new(&settings.header_prefix).map_err(anyhow::Error::msg)?;
+        let directory = Arc::new(Directory::new(
+            db.clone(),
+            settings.sync.tenant_schema.clone(),
+        ));
         let state = Arc::new(AppState {
-            auth,
+            gatekeeper: gatekeeper.clone(),
             upstream,
             names,
             skip_auth: settings.skip_auth.clone(),
-            provisioner: provisioner.clone(),
-            directory: Arc::new(Directory::new(
-                db.clone(),
-                settings.sync.tenant_schema.clone(),
-            )),
-            on_db_error: settings.on_db_error,
+            directory: directory.clone(),
             cors: settings.cors.clone(),
         });
         let flush_every = (settings.sync.last_seen_interval / 4)
@@ -143,20 +183,26 @@ impl Application {
             .await
             .with_context(|| format!("cannot listen on {}", settings.admin_listen))?;
         let admin = AdminState {
-            app: state.clone(),
+            gatekeeper: gatekeeper.clone(),
             db,
             metrics,
+            on_db_error: settings.on_db_error,
+        };
+        let api = ApiState {
+            directory,
+            gatekeeper,
             admin_token: settings
                 .admin_token
                 .as_ref()
                 .map(|t| Arc::new(t.expose().to_owned())),
-            app_roles: Arc::new(settings.sync.roles.app_roles().to_vec()),
+            app_roles: Arc::new(settings.policy.roles.app_roles().to_vec()),
         };
         Ok(Self {
             proxy_listener,
             admin_listener,
             state,
             admin,
+            api,
             background,
             shutdown_timeout: settings.shutdown_timeout,
             header_read_timeout: settings.header_read_timeout,
@@ -190,7 +236,7 @@ impl Application {
         );
         let admin = crate::http::server::serve(
             self.admin_listener,
-            admin::router(self.admin.clone()),
+            admin::router(self.admin.clone(), self.api.clone()),
             self.header_read_timeout,
             rx.clone(),
         );
@@ -216,7 +262,7 @@ impl Application {
         for task in &self.background {
             task.abort();
         }
-        match self.state.provisioner.flush_last_seen().await {
+        match self.state.gatekeeper.provisioner().flush_last_seen().await {
             Ok(n) if n > 0 => tracing::info!(users = n, "pending last-login times written"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "pending last-login times could not be written"),

@@ -1,9 +1,14 @@
 //! Logging (text or JSON lines on stdout) and the process-wide Prometheus recorder.
 
-use crate::config::LogFormat;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 use tracing_subscriber::EnvFilter;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 /// Installs the global subscriber. A second call (tests, the demo) is a no-op.
 pub fn init(format: LogFormat, level: &str) {

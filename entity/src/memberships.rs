@@ -10,9 +10,12 @@ pub struct Model {
     pub user_id: String,
     #[sea_orm(primary_key, auto_increment = false)]
     pub organization_id: String,
-    /// The app role (`admin`, `member`, `viewer` by default), mapped from the IdP roles.
+    /// The app role (`admin`, `member`, `viewer` by default).
     pub role: String,
-    /// The IdP roles the role was mapped from; the role follows the IdP only when these change.
+    /// Who set `role`: `idp` (mapped from the IdP's roles by sync) or `operator` (admin API or CLI; sync
+    /// never changes it until an operator hands it back to `idp`).
+    pub role_source: String,
+    /// The IdP roles of the last token that spoke for this tenant.
     #[sea_orm(column_type = "JsonBinary")]
     pub idp_roles: Json,
     pub is_active: bool,

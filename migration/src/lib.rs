@@ -4,12 +4,16 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20261122_000001_identity_tables;
+mod m20261201_000002_membership_role_source;
 
 pub struct Migrator;
 
 #[sea_orm_migration::async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261122_000001_identity_tables::Migration)]
+        vec![
+            Box::new(m20261122_000001_identity_tables::Migration),
+            Box::new(m20261201_000002_membership_role_source::Migration),
+        ]
     }
 }

@@ -2,11 +2,11 @@
 //! checks migrations and the upstream, and prints a report with a next step for each failure.
 
 use super::settings_or_exit;
-use crate::config::ServeArgs;
-use crate::oidc::{IdpClient, IssuerKeys, KeySource};
+use crate::access::IssuerRegistry;
+use crate::config::{DatabaseArgs, ServeArgs};
+use crate::oidc::{FetchError, IdpClient, KeySetError, KeySource};
 use migration::{Migrator, MigratorTrait};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 struct Report {
@@ -24,34 +24,45 @@ impl Report {
     }
 }
 
-/// A next step for a key-loading failure, from what the error says.
-fn issuer_hint(error: &str, source: &KeySource) -> String {
-    let e = error.to_ascii_lowercase();
-    if e.contains("cannot connect") || e.contains("dns") || e.contains("timed out") {
-        "check the URL, DNS and that egress from this pod to the IdP is allowed (NetworkPolicy, proxy)".into()
-    } else if e.contains("issuer") && e.contains("does not match")
-        || e.contains("unexpected issuer")
-    {
-        "the discovery document's `issuer` must equal --issuer exactly, including a trailing slash"
-            .into()
-    } else if e.contains("404") {
-        match source {
-            KeySource::Discovery => "no discovery document there: check the realm/tenant in the URL, or give jwks-uri=… (Frontegg: <iss>/.well-known/jwks.json)".into(),
-            _ => "the JWKS URL answers 404: check jwks-uri".into(),
+/// A next step for a key-loading failure, by what kind of failure it is.
+fn issuer_hint(error: &FetchError, source: &KeySource) -> &'static str {
+    match error {
+        FetchError::Connect { .. } | FetchError::Timeout { .. } => {
+            "check the URL, DNS and that egress from this pod to the IdP is allowed (NetworkPolicy, proxy)"
         }
-    } else if e.contains("certificate") || e.contains("tls") {
-        "the IdP's certificate is not trusted: add its CA with --issuer-ca-file".into()
-    } else if e.contains("no usable signature keys") {
-        "the key set has no RSA/EC/Ed25519 signature keys; HS256 (shared secret) token templates cannot be verified, switch the IdP to RS256".into()
-    } else if e.contains("key file") {
-        "check the key-file path and that it holds a JWKS document or a PEM public key".into()
-    } else {
-        "see the error above; `idsync token inspect` explains a failing token".into()
+        FetchError::IssuerMismatch { .. } => {
+            "the discovery document's `issuer` must equal --issuer exactly, including a trailing slash"
+        }
+        FetchError::Status { status: 404, .. } => match source {
+            KeySource::Discovery => {
+                "no discovery document there: check the realm/tenant in the URL, or give jwks-uri=… (Frontegg: <iss>/.well-known/jwks.json)"
+            }
+            _ => "the JWKS URL answers 404: check jwks-uri",
+        },
+        FetchError::Status { .. } => "the IdP answered with an error: check its health and the URL",
+        FetchError::Tls { .. } => {
+            "the IdP's certificate is not trusted: add its CA with --issuer-ca-file"
+        }
+        FetchError::Keys {
+            source: KeySetError::NoUsableKeys { .. },
+            ..
+        } => {
+            "the key set has no RSA/EC/Ed25519 signature keys; HS256 (shared secret) token templates cannot be verified, switch the IdP to RS256"
+        }
+        FetchError::Keys { .. } | FetchError::NotDiscovery { .. } | FetchError::TooLarge { .. } => {
+            "the URL does not serve what idsync expects: check jwks-uri or the issuer URL"
+        }
+        FetchError::KeyFile { .. } => {
+            "check the key-file path and that it holds a JWKS document or a PEM public key"
+        }
+        FetchError::Transport { .. } => {
+            "see the error above; `idsync token inspect` explains a failing token"
+        }
     }
 }
 
-pub async fn run(args: &ServeArgs) -> ExitCode {
-    let settings = match settings_or_exit(args) {
+pub async fn run(args: &ServeArgs, db: &DatabaseArgs) -> ExitCode {
+    let settings = match settings_or_exit(args, db) {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -66,19 +77,21 @@ pub async fn run(args: &ServeArgs) -> ExitCode {
     );
 
     match IdpClient::new(settings.issuer_ca_pem.as_deref(), settings.idp_timeout) {
-        Err(e) => report.fail("IdP client", &e, "fix --issuer-ca-file"),
+        Err(e) => report.fail("IdP client", &e.to_string(), "fix --issuer-ca-file"),
         Ok(client) => {
-            for issuer in &settings.issuers {
-                let keys = Arc::new(IssuerKeys::new(
-                    issuer.issuer.clone(),
-                    issuer.source.clone(),
-                    client.clone(),
-                    settings.key_cache.clone(),
-                ));
-                let what = format!("issuer {} ({})", issuer.issuer, issuer.dialect.as_str());
+            let registry = IssuerRegistry::new(
+                &settings.issuers,
+                &client,
+                &settings.key_cache,
+                settings.verify,
+                None,
+            );
+            for issuer in registry.iter() {
+                let keys = issuer.keys();
+                let what = format!("issuer {} ({})", issuer.name, issuer.rules.dialect.as_str());
                 match keys.load_now().await {
                     Ok(set) => {
-                        let via = match (&issuer.source, keys.discovered_jwks_uri().await) {
+                        let via = match (keys.source(), keys.discovered_jwks_uri().await) {
                             (KeySource::Discovery, Some(uri)) => {
                                 format!("discovery, jwks_uri {uri}")
                             }
@@ -93,13 +106,13 @@ pub async fn run(args: &ServeArgs) -> ExitCode {
                         }
                         report.ok(&what, &detail);
                     }
-                    Err(e) => report.fail(&what, &e, &issuer_hint(&e, &issuer.source)),
+                    Err(e) => report.fail(&what, &e.to_string(), issuer_hint(&e, keys.source())),
                 }
             }
         }
     }
 
-    match crate::startup::connect_database(&settings).await {
+    match crate::startup::connect_database(&settings, false).await {
         Err(e) => report.fail("database", &format!("{e:#}"), "check --database-url (host, credentials, database name) and that the database accepts connections"),
         Ok(db) => match db.ping().await {
             Err(e) => report.fail("database", &e.to_string(), "the database does not answer; check it is running"),

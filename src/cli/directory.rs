@@ -1,23 +1,15 @@
 //! `idsync orgs|users|memberships …`: the admin operations straight on the database, printing JSON.
 //! Running sidecars notice these changes within `--sync-cache-ttl`; use the admin API for immediate effect.
 
-use crate::config::DatabaseUrl;
+use crate::config::DatabaseArgs;
 use crate::directory::{Directory, UserFilter};
+use crate::identity::RoleSource;
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use std::process::ExitCode;
 
 #[derive(Debug, Clone, Args)]
 pub struct DbArgs {
-    /// Database: sqlite://PATH?mode=rwc or postgres://USER:PASS@HOST/DB.
-    #[arg(
-        long,
-        env = "IDSYNC_DATABASE_URL",
-        default_value = "sqlite://idsync.db?mode=rwc",
-        hide_env_values = true,
-        global = true
-    )]
-    pub database_url: String,
     /// Who is making the change, for the audit trail (default: cli:$USER).
     #[arg(long, global = true)]
     pub actor: Option<String>,
@@ -122,10 +114,18 @@ pub enum MembershipsAction {
         organization: String,
         role: String,
     },
+    /// Sets the role as an operator's: the IdP's roles no longer change it.
     SetRole {
         user: String,
         organization: String,
         role: String,
+    },
+    /// Who decides the role: `idp` hands it back to the IdP (the next token that speaks for the tenant
+    /// sets it), `operator` keeps the current role.
+    RoleSource {
+        user: String,
+        organization: String,
+        source: SourceArg,
     },
     Deactivate {
         user: String,
@@ -141,8 +141,19 @@ pub enum MembershipsAction {
     },
 }
 
-async fn directory(db: &DbArgs) -> Result<(Directory, String), ExitCode> {
-    let url = DatabaseUrl::new(db.database_url.clone());
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SourceArg {
+    /// The IdP's roles set the role.
+    Idp,
+    /// The current role stays until an operator changes it.
+    Operator,
+}
+
+async fn directory(db: &DbArgs, database: &DatabaseArgs) -> Result<(Directory, String), ExitCode> {
+    let url = database.url().map_err(|e| {
+        eprintln!("idsync: {e}");
+        ExitCode::from(2)
+    })?;
     let conn = sea_orm::Database::connect(url.expose())
         .await
         .map_err(|e| {
@@ -171,8 +182,8 @@ fn print<T: Serialize>(r: crate::directory::Result<T>) -> ExitCode {
     }
 }
 
-pub async fn run_orgs(cmd: OrgsCommand) -> ExitCode {
-    let (d, actor) = match directory(&cmd.db).await {
+pub async fn run_orgs(cmd: OrgsCommand, database: &DatabaseArgs) -> ExitCode {
+    let (d, actor) = match directory(&cmd.db, database).await {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -201,8 +212,8 @@ pub async fn run_orgs(cmd: OrgsCommand) -> ExitCode {
     }
 }
 
-pub async fn run_users(cmd: UsersCommand) -> ExitCode {
-    let (d, actor) = match directory(&cmd.db).await {
+pub async fn run_users(cmd: UsersCommand, database: &DatabaseArgs) -> ExitCode {
+    let (d, actor) = match directory(&cmd.db, database).await {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -229,14 +240,21 @@ pub async fn run_users(cmd: UsersCommand) -> ExitCode {
     }
 }
 
-pub async fn run_memberships(cmd: MembershipsCommand) -> ExitCode {
-    let (d, actor) = match directory(&cmd.db).await {
+pub async fn run_memberships(cmd: MembershipsCommand, database: &DatabaseArgs) -> ExitCode {
+    let (d, actor) = match directory(&cmd.db, database).await {
         Ok(x) => x,
         Err(code) => return code,
     };
     match cmd.action {
         MembershipsAction::Add { user, organization, role } => print(d.add_membership(&actor, &user, &organization, &role).await),
         MembershipsAction::SetRole { user, organization, role } => print(d.set_membership_role(&actor, &user, &organization, &role).await),
+        MembershipsAction::RoleSource { user, organization, source } => {
+            let source = match source {
+                SourceArg::Idp => RoleSource::Idp,
+                SourceArg::Operator => RoleSource::Operator,
+            };
+            print(d.set_membership_role_source(&actor, &user, &organization, source).await)
+        }
         MembershipsAction::Deactivate { user, organization } => print(d.set_membership_active(&actor, &user, &organization, false).await),
         MembershipsAction::Reactivate { user, organization } => print(d.set_membership_active(&actor, &user, &organization, true).await),
         MembershipsAction::Remove { user, organization } => {

@@ -1,20 +1,19 @@
 //! `idsync token inspect [TOKEN|-]`: decodes a token, verifies it against the configured issuers (or a
-//! saved key set, with no network at all) and explains in words what idsync would do with it. The
-//! signature itself is never printed.
+//! saved key set, with no network at all) and explains in words what idsync would do with it: the same
+//! registry and the same access decision as `serve`, without the database. The signature itself is never
+//! printed.
 
 use super::settings_or_exit;
-use crate::config::ServeArgs;
-use crate::http::auth::{forwarded_from_identity, unix_now};
-use crate::http::headers::{HeaderNames, inject};
-use crate::identity::{Identity, MappingRules, map_claims};
-use crate::oidc::{IdpClient, IssuerKeys, KeySource, TrustedIssuer, Verifier};
-use crate::provision::MissingTenant;
+use crate::access::{IssuerRegistry, policy};
+use crate::config::{DatabaseArgs, ServeArgs, Settings};
+use crate::http::headers::{HeaderNames, set_identity};
+use crate::identity::{TenantId, map_claims};
+use crate::oidc::{IdpClient, KeySource, VerifyError, unix_now};
 use clap::Args;
 use serde_json::{Value, json};
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 #[derive(Debug, Clone, Args)]
 pub struct InspectArgs {
@@ -26,11 +25,14 @@ pub struct InspectArgs {
     /// Verify against this saved JWKS (or PEM) file instead of fetching keys: no network at all.
     #[arg(long)]
     pub jwks_file: Option<PathBuf>,
+    /// Explain the request as if the client asked for this tenant (the `X-Tenant-Id` header).
+    #[arg(long)]
+    pub tenant: Option<String>,
     #[command(flatten)]
     pub serve: ServeArgs,
 }
 
-pub async fn run(mut args: InspectArgs) -> ExitCode {
+pub async fn run(mut args: InspectArgs, db: &DatabaseArgs) -> ExitCode {
     if args.output != "text" && args.output != "json" {
         eprintln!("idsync token inspect: --output must be text or json");
         return ExitCode::from(2);
@@ -47,15 +49,33 @@ pub async fn run(mut args: InspectArgs) -> ExitCode {
         }
     };
     let token = token.strip_prefix("Bearer ").unwrap_or(&token).to_owned();
+    let requested = match args
+        .tenant
+        .as_deref()
+        .map(|t| TenantId::parse("--tenant", t))
+    {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => {
+            eprintln!("idsync token inspect: {e}");
+            return ExitCode::from(2);
+        }
+    };
     // Inspecting needs no upstream; keep validation from asking for one.
     if args.serve.upstream.is_none() {
         args.serve.upstream = Some("http://127.0.0.1:3000".into());
     }
-    let settings = match settings_or_exit(&args.serve) {
+    let settings = match settings_or_exit(&args.serve, db) {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let report = explain(&settings, &token, args.jwks_file.as_ref()).await;
+    let report = explain(
+        &settings,
+        &token,
+        args.jwks_file.as_ref(),
+        requested.as_ref(),
+    )
+    .await;
     if args.output == "json" {
         println!(
             "{}",
@@ -64,9 +84,9 @@ pub async fn run(mut args: InspectArgs) -> ExitCode {
     } else {
         print_text(&report);
     }
-    if report["signature_valid"] == true
-        && report["claims_valid"] == true
-        && report["identity"].is_object()
+    if report["verdict"]
+        .as_str()
+        .is_some_and(|v| v.starts_with("forward"))
     {
         ExitCode::SUCCESS
     } else {
@@ -75,15 +95,16 @@ pub async fn run(mut args: InspectArgs) -> ExitCode {
 }
 
 async fn explain(
-    settings: &crate::config::Settings,
+    settings: &Settings,
     token: &str,
     jwks_file: Option<&PathBuf>,
+    requested: Option<&TenantId>,
 ) -> Value {
     let mut reasons: Vec<String> = Vec::new();
     let (header, claims) = match crate::oidc::decode_unverified(token) {
         Ok(x) => x,
         Err(e) => {
-            return json!({"signature_valid": false, "claims_valid": false, "issuer": null, "identity": null, "headers": {}, "reasons": [e]});
+            return json!({"verdict": "refuse: 401 invalid_token", "signature_valid": false, "claims_valid": false, "issuer": null, "identity": null, "headers": {}, "reasons": [e]});
         }
     };
     // The signature is deliberately left out of everything shown.
@@ -94,89 +115,90 @@ async fn explain(
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_owned();
-    let configured = settings.issuers.iter().find(|i| i.issuer == iss);
-    if configured.is_none() {
-        reasons.push(format!(
-            "issuer `{iss}` is not configured (configured: {}); idsync refuses the token without contacting anyone",
-            settings.issuers.iter().map(|i| i.issuer.as_str()).collect::<Vec<_>>().join(", ")
-        ));
-    }
-
-    let client = IdpClient::new(settings.issuer_ca_pem.as_deref(), settings.idp_timeout);
-    let mut trusted = Vec::new();
-    let mut rules = Vec::new();
-    if let Ok(client) = client {
-        for i in &settings.issuers {
-            let source = jwks_file.map_or_else(|| i.source.clone(), |f| KeySource::File(f.clone()));
-            let keys = Arc::new(IssuerKeys::new(
-                i.issuer.clone(),
-                source,
-                client.clone(),
-                settings.key_cache.clone(),
+    let client = match IdpClient::new(settings.issuer_ca_pem.as_deref(), settings.idp_timeout) {
+        Ok(c) => c,
+        Err(e) => {
+            return json!({"verdict": "refuse: 503 temporarily_unavailable", "signature_valid": false, "claims_valid": false, "issuer": iss, "identity": null, "headers": {}, "reasons": [format!("the issuer CA file: {e}")]});
+        }
+    };
+    let keys_from = jwks_file.map(|f| KeySource::File(f.clone()));
+    let registry = IssuerRegistry::new(
+        &settings.issuers,
+        &client,
+        &settings.key_cache,
+        settings.verify,
+        keys_from.as_ref(),
+    );
+    let issuer = registry.get(&iss).cloned();
+    let mut verdict: Option<String> = None;
+    match &issuer {
+        None => {
+            reasons.push(format!(
+                "issuer `{iss}` is not configured (configured: {}); idsync refuses the token without contacting anyone",
+                registry.iter().map(|i| &*i.name).collect::<Vec<_>>().join(", ")
             ));
-            if i.issuer == iss
-                && let Err(e) = keys.load_now().await
-            {
+            verdict = Some("refuse: 401 invalid_token".into());
+        }
+        Some(i) => {
+            if let Err(e) = i.keys().load_now().await {
                 reasons.push(format!("cannot load keys for {iss}: {e}"));
             }
-            trusted.push(TrustedIssuer {
-                issuer: i.issuer.clone(),
-                audiences: i.audiences.clone(),
-                keys,
-            });
-            rules.push(MappingRules {
-                dialect: i.dialect,
-                tenant_claim: i.tenant_claim.clone(),
-                roles_claim: i.roles_claim.clone(),
-            });
         }
     }
-    let verifier = Verifier::new(trusted, settings.verify);
-    let mut verdict: Option<&str> = None;
-    let (signature_valid, claims_valid) = match verifier.verify(token, unix_now()).await {
+    let (signature_valid, claims_valid) = match registry.verify(token, unix_now()).await {
         Ok(_) => (true, true),
         Err(e) => {
             reasons.push(e.to_string());
-            verdict = Some(
-                if matches!(e, crate::oidc::VerifyError::KeysUnavailable(_)) {
+            verdict = verdict.or(Some(
+                if matches!(e, VerifyError::KeysUnavailable(_)) {
                     "refuse: 503 temporarily_unavailable"
                 } else {
                     "refuse: 401 invalid_token"
-                },
-            );
+                }
+                .into(),
+            ));
             (e.signature_was_valid(), false)
         }
     };
 
     let mut identity_json = Value::Null;
     let mut headers = serde_json::Map::new();
-    if let Some(index) = settings.issuers.iter().position(|i| i.issuer == iss) {
-        match map_claims(iss.as_str(), &claims, &rules[index]) {
+    if let Some(issuer) = &issuer {
+        match map_claims(issuer.name.clone(), &claims, &issuer.rules) {
             Err(e) => {
                 reasons.push(format!("identity: {e}"));
-                verdict = verdict.or(Some("refuse: 401 invalid_token"));
+                verdict = verdict.or(Some("refuse: 401 invalid_token".into()));
             }
             Ok(identity) => {
-                let (tenant, tenant_note) = tenant_of(&identity, &settings.sync.missing_tenant);
-                if let Some(note) = &tenant_note {
-                    reasons.push(note.clone());
-                }
-                if tenant.is_none()
-                    && identity.subject.is_some()
-                    && settings.sync.missing_tenant == MissingTenant::Reject
-                {
-                    verdict = verdict.or(Some("refuse: 403 missing_tenant_claim"));
-                }
-                let role = identity
-                    .subject
-                    .as_ref()
-                    .and(tenant.as_ref())
-                    .map(|_| settings.sync.roles.app_role(&identity.roles).to_owned());
-                let mut forwarded = forwarded_from_identity(&identity, tenant.clone());
-                forwarded.role = role.clone();
-                if let Ok(names) = HeaderNames::new(&settings.header_prefix) {
+                let decided = policy::decide_offline(&identity, requested, &settings.policy);
+                let view = match &decided {
+                    Ok((_, view)) => Some(view),
+                    Err(refusal) => {
+                        reasons.push(refusal.to_string());
+                        if matches!(refusal, crate::access::Refusal::MissingTenant { .. }) {
+                            reasons.push("to accept it, point --tenant-claim at the claim that holds the tenant, or set --missing-tenant personal|default=ID".into());
+                        }
+                        if matches!(refusal, crate::access::Refusal::TenantNotPermitted)
+                            && identity.subject.is_some()
+                        {
+                            reasons.push("serve would still let the user in if they have an active membership in that tenant (inspect does not read the database)".into());
+                        }
+                        verdict = verdict.or(Some(format!("refuse: 403 {}", refusal.code())));
+                        None
+                    }
+                };
+                if let (Some(view), Ok(names)) = (view, HeaderNames::new(&settings.header_prefix)) {
                     let mut map = http::HeaderMap::new();
-                    inject(&mut map, &names, &forwarded);
+                    let mut synced = view.clone();
+                    // What serve forwards once synced; slug and schema come from the rows.
+                    synced.synced = true;
+                    set_identity(
+                        &mut map,
+                        &names,
+                        &synced,
+                        &identity.roles,
+                        identity.tenants.iter().map(|t| t.as_str()),
+                    );
                     for (k, v) in &map {
                         headers
                             .insert(k.as_str().to_owned(), json!(v.to_str().unwrap_or_default()));
@@ -185,10 +207,10 @@ async fn explain(
                 identity_json = json!({
                     "dialect": identity.dialect,
                     "user": identity.subject,
-                    "tenant": tenant,
+                    "tenant": view.and_then(|v| v.tenant_id.clone()),
                     "tenant_looked_for": identity.tenant_sources,
                     "tenants": identity.tenants,
-                    "role": role,
+                    "role": view.and_then(|v| v.role.clone()),
                     "idp_roles": identity.roles,
                     "email": identity.email,
                     "name": identity.name,
@@ -196,11 +218,8 @@ async fn explain(
             }
         }
     }
-    if configured.is_none() {
-        verdict = Some("refuse: 401 invalid_token");
-    }
     json!({
-        "verdict": verdict.unwrap_or("forward (after sync, which may still refuse a deactivated user or tenant)"),
+        "verdict": verdict.unwrap_or_else(|| "forward (after sync, which may still refuse a deactivated user or tenant, and where an operator's role wins)".into()),
         "signature_valid": signature_valid,
         "claims_valid": claims_valid,
         "issuer": iss,
@@ -210,42 +229,6 @@ async fn explain(
         "headers": headers,
         "reasons": reasons,
     })
-}
-
-/// The tenant idsync would act in, and a sentence when there is none.
-fn tenant_of(identity: &Identity, policy: &MissingTenant) -> (Option<String>, Option<String>) {
-    if let Some(t) = &identity.tenant {
-        return (Some(t.to_string()), None);
-    }
-    if identity.subject.is_none() {
-        return (None, None);
-    }
-    let looked = identity
-        .tenant_sources
-        .iter()
-        .map(|s| format!("`{s}`"))
-        .collect::<Vec<_>>()
-        .join(" and ");
-    match policy {
-        MissingTenant::Reject => (
-            None,
-            Some(format!(
-                "no tenant claim: looked for {looked}; set --tenant-claim or --missing-tenant (idsync answers 403 missing_tenant_claim)"
-            )),
-        ),
-        MissingTenant::Personal => (
-            None,
-            Some(format!(
-                "no tenant claim (looked for {looked}): --missing-tenant personal gives the user a personal organization"
-            )),
-        ),
-        MissingTenant::Default(id) => (
-            Some(id.clone()),
-            Some(format!(
-                "no tenant claim (looked for {looked}): --missing-tenant default joins {id}"
-            )),
-        ),
-    }
 }
 
 fn print_text(r: &Value) {

@@ -1,11 +1,33 @@
 //! `idsync migrate up|down|status`: the schema by hand (or from a Kubernetes Job before replicas start).
 
-use crate::config::{DatabaseUrl, MigrateAction, MigrateArgs};
+use crate::config::DatabaseArgs;
+use clap::Args;
 use migration::{Migrator, MigratorTrait};
 use std::process::ExitCode;
 
-pub async fn run(args: MigrateArgs) -> ExitCode {
-    let url = DatabaseUrl::new(args.database_url);
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MigrateAction {
+    /// Apply every pending migration.
+    Up,
+    /// Revert the most recent migration.
+    Down,
+    /// List applied and pending migrations.
+    Status,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    pub action: MigrateAction,
+}
+
+pub async fn run(args: MigrateArgs, db: &DatabaseArgs) -> ExitCode {
+    let url = match db.url() {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("idsync migrate: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let db = match sea_orm::Database::connect(url.expose()).await {
         Ok(db) => db,
         Err(e) => {

@@ -2,8 +2,10 @@
 //! audit trail. Shared by the admin API and the CLI; every change writes an audit event naming the actor.
 //! Never sees HTTP.
 
+use crate::identity::RoleSource;
+use crate::provision::audit::{self, AuditKind, Event};
 use crate::provision::naming;
-use crate::provision::store::{self, write_transaction};
+use crate::provision::store::write_transaction;
 use chrono::{DateTime, Utc};
 use entity::{audit_events, memberships, organizations, users};
 use sea_orm::{
@@ -77,14 +79,6 @@ pub struct OrganizationWithCount {
     #[serde(flatten)]
     pub organization: organizations::Model,
     pub member_count: u64,
-}
-
-/// What a change touched, so callers can drop cached state for it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Affected {
-    User(String),
-    Organization(String),
-    Membership(String, String),
 }
 
 pub struct Directory {
@@ -197,7 +191,7 @@ impl Directory {
         self.audit(
             &txn,
             actor,
-            "organization_created",
+            AuditKind::OrganizationCreated,
             None,
             Some(id),
             json!({"name": name, "slug": org.slug}),
@@ -229,7 +223,7 @@ impl Directory {
         self.audit(
             &txn,
             actor,
-            "organization_renamed",
+            AuditKind::OrganizationRenamed,
             None,
             Some(id),
             json!({"from": from, "to": name}),
@@ -255,9 +249,9 @@ impl Directory {
         model.updated_at = Set(Utc::now());
         let org = model.update(&txn).await?;
         let kind = if active {
-            "organization_reactivated"
+            AuditKind::OrganizationReactivated
         } else {
-            "organization_deactivated"
+            AuditKind::OrganizationDeactivated
         };
         self.audit(&txn, actor, kind, None, Some(id), json!({}))
             .await?;
@@ -298,7 +292,7 @@ impl Directory {
         self.audit(
             &txn,
             actor,
-            "organization_deleted",
+            AuditKind::OrganizationDeleted,
             None,
             Some(id),
             json!({"name": org.name, "members_removed": members, "schema_dropped": schema}),
@@ -368,9 +362,9 @@ impl Directory {
         model.updated_at = Set(Utc::now());
         let user = model.update(&txn).await?;
         let kind = if active {
-            "user_reactivated"
+            AuditKind::UserReactivated
         } else {
-            "user_deactivated"
+            AuditKind::UserDeactivated
         };
         self.audit(&txn, actor, kind, Some(id), None, json!({}))
             .await?;
@@ -416,6 +410,8 @@ impl Directory {
             user_id: Set(user_id.to_owned()),
             organization_id: Set(org_id.to_owned()),
             role: Set(role.to_owned()),
+            // The operator chose this role: the IdP does not change it until an operator hands it back.
+            role_source: Set(RoleSource::Operator.as_str().to_owned()),
             idp_roles: Set(json!([])),
             is_active: Set(true),
             created_at: Set(now),
@@ -426,16 +422,17 @@ impl Directory {
         self.audit(
             &txn,
             actor,
-            "membership_created",
+            AuditKind::MembershipCreated,
             Some(user_id),
             Some(org_id),
-            json!({"role": role}),
+            json!({"role": role, "role_source": RoleSource::Operator.as_str()}),
         )
         .await?;
         txn.commit().await?;
         Ok(m)
     }
 
+    /// Sets the role as an operator: from now on the IdP's roles do not change it.
     pub async fn set_membership_role(
         &self,
         actor: &str,
@@ -445,18 +442,51 @@ impl Directory {
     ) -> Result<memberships::Model> {
         let txn = self.db.begin_with_options(write_transaction()).await?;
         let m = self.membership(&txn, user_id, org_id).await?;
-        let from = m.role.clone();
+        let (from, from_source) = (m.role.clone(), m.role_source.clone());
         let mut model = m.into_active_model();
         model.role = Set(role.to_owned());
+        model.role_source = Set(RoleSource::Operator.as_str().to_owned());
         model.updated_at = Set(Utc::now());
         let m = model.update(&txn).await?;
         self.audit(
             &txn,
             actor,
-            "role_changed",
+            AuditKind::RoleChanged,
             Some(user_id),
             Some(org_id),
-            json!({"from": from, "to": role}),
+            json!({"from": from, "to": role, "role_source": {"from": from_source, "to": RoleSource::Operator.as_str()}}),
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(m)
+    }
+
+    /// Sets who decides the role. Handing it back to `idp` lets the next token that speaks for the tenant
+    /// set it; `operator` freezes the current role.
+    pub async fn set_membership_role_source(
+        &self,
+        actor: &str,
+        user_id: &str,
+        org_id: &str,
+        source: RoleSource,
+    ) -> Result<memberships::Model> {
+        let txn = self.db.begin_with_options(write_transaction()).await?;
+        let m = self.membership(&txn, user_id, org_id).await?;
+        if m.role_source == source.as_str() {
+            return Ok(m);
+        }
+        let from = m.role_source.clone();
+        let mut model = m.into_active_model();
+        model.role_source = Set(source.as_str().to_owned());
+        model.updated_at = Set(Utc::now());
+        let m = model.update(&txn).await?;
+        self.audit(
+            &txn,
+            actor,
+            AuditKind::RoleSourceChanged,
+            Some(user_id),
+            Some(org_id),
+            json!({"from": from, "to": source.as_str(), "role": m.role}),
         )
         .await?;
         txn.commit().await?;
@@ -477,9 +507,9 @@ impl Directory {
         model.updated_at = Set(Utc::now());
         let m = model.update(&txn).await?;
         let kind = if active {
-            "membership_reactivated"
+            AuditKind::MembershipReactivated
         } else {
-            "membership_deactivated"
+            AuditKind::MembershipDeactivated
         };
         self.audit(&txn, actor, kind, Some(user_id), Some(org_id), json!({}))
             .await?;
@@ -496,7 +526,7 @@ impl Directory {
         self.audit(
             &txn,
             actor,
-            "membership_removed",
+            AuditKind::MembershipRemoved,
             Some(user_id),
             Some(org_id),
             json!({"role": m.role}),
@@ -577,14 +607,22 @@ impl Directory {
         &self,
         txn: &impl ConnectionTrait,
         actor: &str,
-        kind: &str,
+        kind: AuditKind,
         user: Option<&str>,
-        org: Option<&str>,
+        organization: Option<&str>,
         details: Value,
     ) -> Result<()> {
-        store::record(
+        audit::record(
             txn,
-            store::event(kind, None, user, org, actor, details, Utc::now()),
+            vec![Event {
+                kind,
+                issuer: None,
+                user,
+                organization,
+                actor,
+                details,
+                at: Utc::now(),
+            }],
         )
         .await?;
         Ok(())

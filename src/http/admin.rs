@@ -1,10 +1,12 @@
 //! The admin listener (loopback by default), apart from the proxy port:
 //! - `GET /livez`: the process is up (never checks dependencies, so a down IdP cannot restart-loop pods);
-//! - `GET /readyz`: 200 when every issuer has usable keys and the database answers, else 503 with reasons;
+//! - `GET /readyz`: 200 when every issuer has usable keys and the database answers (under
+//!   `--on-db-error pass` a down database makes it `degraded`, still 200), else 503 with reasons;
 //! - `GET /metrics`: Prometheus text format;
 //! - `/admin/v1/...`: the admin API (see `admin_api`), behind `--admin-token-file` when set.
 
-use super::AppState;
+use super::admin_api::{self, ApiState};
+use crate::access::{Gatekeeper, OnDbError};
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -18,53 +20,71 @@ use std::time::Duration;
 
 #[derive(Clone)]
 pub struct AdminState {
-    pub app: Arc<AppState>,
+    pub gatekeeper: Arc<Gatekeeper>,
     pub db: DatabaseConnection,
     pub metrics: PrometheusHandle,
-    pub admin_token: Option<Arc<String>>,
-    pub app_roles: Arc<Vec<String>>,
+    pub on_db_error: OnDbError,
 }
 
-pub fn router(state: AdminState) -> Router {
-    let api = super::admin_api::router().layer(axum::middleware::from_fn_with_state(
-        state.clone(),
-        super::admin_api::require_token,
-    ));
+pub fn router(state: AdminState, api: ApiState) -> Router {
     Router::new()
         .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .nest("/admin/v1", api)
         .with_state(state)
+        .nest("/admin/v1", admin_api::router(api))
 }
 
-/// Readiness checks by name: `None` when fine, else the reason.
-pub async fn readiness(app: &AppState, db: &DatabaseConnection) -> Vec<(String, Option<String>)> {
-    let mut checks = Vec::new();
-    for issuer in app.auth.verifier().issuers() {
-        checks.push((
-            format!("issuer {}", issuer.issuer),
-            issuer.keys.usable().err(),
-        ));
-    }
-    let db_check = match tokio::time::timeout(Duration::from_secs(2), db.ping()).await {
+/// One readiness check: its name, why it fails (if it does), and whether a failure makes idsync unready.
+/// The database is not required under `--on-db-error pass`: idsync then serves without it, degraded.
+pub struct Check {
+    pub name: String,
+    pub failure: Option<String>,
+    pub required: bool,
+}
+
+pub async fn readiness(
+    gatekeeper: &Gatekeeper,
+    db: &DatabaseConnection,
+    on_db_error: OnDbError,
+) -> Vec<Check> {
+    let mut checks: Vec<Check> = gatekeeper
+        .registry()
+        .iter()
+        .map(|issuer| Check {
+            name: format!("issuer {}", issuer.name),
+            failure: issuer.keys().usable().err().map(|e| e.to_string()),
+            required: true,
+        })
+        .collect();
+    let failure = match tokio::time::timeout(Duration::from_secs(2), db.ping()).await {
         Ok(Ok(())) => None,
         Ok(Err(e)) => Some(format!("database ping failed: {e}")),
         Err(_) => Some("database ping timed out".into()),
     };
-    checks.push(("database".into(), db_check));
+    checks.push(Check {
+        name: "database".into(),
+        failure,
+        required: on_db_error == OnDbError::Fail,
+    });
     checks
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
-    let checks = readiness(&state.app, &state.db).await;
-    let ready = checks.iter().all(|(_, e)| e.is_none());
+    let checks = readiness(&state.gatekeeper, &state.db, state.on_db_error).await;
+    let ready = checks.iter().all(|c| c.failure.is_none() || !c.required);
+    let degraded = checks.iter().any(|c| c.failure.is_some());
     let body = json!({
-        "status": if ready { "ready" } else { "not_ready" },
-        "checks": checks.iter().map(|(name, e)| json!({
-            "name": name,
-            "ok": e.is_none(),
-            "reason": e,
+        "status": match (ready, degraded) {
+            (true, false) => "ready",
+            (true, true) => "degraded",
+            (false, _) => "not_ready",
+        },
+        "checks": checks.iter().map(|c| json!({
+            "name": c.name,
+            "ok": c.failure.is_none(),
+            "required": c.required,
+            "reason": c.failure,
         })).collect::<Vec<_>>(),
     });
     let status = if ready {

@@ -2,9 +2,11 @@
 //! trail. Each change names its actor (`X-Admin-Actor`, else `admin-api`) in the audit event and drops the
 //! affected cache entries on this replica at once; other replicas notice within `--sync-cache-ttl`.
 
-use super::admin::AdminState;
 use super::error::ApiError;
-use crate::directory::{Affected, AuditFilter, UserFilter};
+use crate::access::Gatekeeper;
+use crate::directory::{AuditFilter, Directory, UserFilter};
+use crate::identity::RoleSource;
+use crate::provision::Affected;
 use axum::extract::{Path, Query, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -13,8 +15,30 @@ use axum::{Json, Router};
 use http::{HeaderMap, StatusCode, header};
 use serde::Deserialize;
 use serde_json::json;
+use std::sync::Arc;
 
-pub fn router() -> Router<AdminState> {
+/// What the admin API needs.
+#[derive(Clone)]
+pub struct ApiState {
+    pub directory: Arc<Directory>,
+    pub gatekeeper: Arc<Gatekeeper>,
+    pub admin_token: Option<Arc<String>>,
+    pub app_roles: Arc<Vec<String>>,
+}
+
+type AdminState = ApiState;
+
+/// The admin API's routes, behind the admin token when one is configured.
+pub fn router(state: ApiState) -> Router {
+    routes()
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
+        .with_state(state)
+}
+
+fn routes() -> Router<ApiState> {
     Router::new()
         .route("/organizations", get(list_orgs).post(create_org))
         .route(
@@ -89,10 +113,7 @@ fn actor(headers: &HeaderMap) -> String {
 }
 
 fn forget(state: &AdminState, affected: Affected) {
-    if let Affected::User(u) = &affected {
-        state.app.auth.invalidate_subject(u);
-    }
-    state.app.provisioner.invalidate(&affected);
+    state.gatekeeper.forget(&affected);
 }
 
 #[derive(Deserialize)]
@@ -108,8 +129,7 @@ fn ok<T: serde::Serialize>(v: T) -> ApiResult {
 }
 
 async fn list_orgs(State(s): State<AdminState>, Query(q): Query<PageQuery>) -> ApiResult {
-    ok(s.app
-        .directory
+    ok(s.directory
         .list_organizations(q.limit, q.cursor.as_deref())
         .await?)
 }
@@ -128,14 +148,7 @@ async fn create_org(
     headers: HeaderMap,
     Json(body): Json<CreateOrg>,
 ) -> ApiResult {
-    let issuers: Vec<&str> = s
-        .app
-        .auth
-        .verifier()
-        .issuers()
-        .iter()
-        .map(|i| i.issuer.as_str())
-        .collect();
+    let issuers: Vec<&str> = s.gatekeeper.registry().iter().map(|i| &*i.name).collect();
     let issuer = match (&body.issuer, issuers.as_slice()) {
         (Some(i), _) if issuers.contains(&i.as_str()) => i.clone(),
         (Some(i), _) => {
@@ -151,7 +164,6 @@ async fn create_org(
         }
     };
     let org = s
-        .app
         .directory
         .create_organization(
             &actor(&headers),
@@ -166,7 +178,7 @@ async fn create_org(
 }
 
 async fn get_org(State(s): State<AdminState>, Path(id): Path<String>) -> ApiResult {
-    ok(s.app.directory.get_organization(&id).await?)
+    ok(s.directory.get_organization(&id).await?)
 }
 
 #[derive(Deserialize)]
@@ -181,7 +193,6 @@ async fn rename_org(
     Json(body): Json<Rename>,
 ) -> ApiResult {
     let org = s
-        .app
         .directory
         .rename_organization(&actor(&headers), &id, &body.name)
         .await?;
@@ -196,7 +207,6 @@ async fn set_org(
     active: bool,
 ) -> ApiResult {
     let org = s
-        .app
         .directory
         .set_organization_active(&actor(&headers), &id, active)
         .await?;
@@ -216,8 +226,7 @@ async fn delete_org(
     Path(id): Path<String>,
     Query(q): Query<Force>,
 ) -> ApiResult {
-    s.app
-        .directory
+    s.directory
         .delete_organization(&actor(&headers), &id, q.force)
         .await?;
     forget(&s, Affected::Organization(id.clone()));
@@ -237,14 +246,13 @@ async fn list_users(State(s): State<AdminState>, Query(q): Query<UserQuery>) -> 
         email: q.email,
         organization: q.organization,
     };
-    ok(s.app
-        .directory
+    ok(s.directory
         .list_users(&filter, q.limit, q.cursor.as_deref())
         .await?)
 }
 
 async fn get_user(State(s): State<AdminState>, Path(id): Path<String>) -> ApiResult {
-    ok(s.app.directory.get_user(&id).await?)
+    ok(s.directory.get_user(&id).await?)
 }
 
 async fn set_user(
@@ -254,7 +262,6 @@ async fn set_user(
     active: bool,
 ) -> ApiResult {
     let user = s
-        .app
         .directory
         .set_user_active(&actor(&headers), &id, active)
         .await?;
@@ -269,9 +276,13 @@ struct AddMembership {
     role: String,
 }
 
+/// `{"role": "viewer"}` sets the role as an operator's (the IdP no longer changes it);
+/// `{"role_source": "idp"}` hands it back to the IdP; both at once set the role and its source.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct SetRole {
-    role: String,
+    role: Option<String>,
+    role_source: Option<String>,
 }
 
 fn check_role(s: &AdminState, role: &str) -> Result<(), ApiError> {
@@ -292,7 +303,6 @@ async fn add_membership(
 ) -> ApiResult {
     check_role(&s, &body.role)?;
     let m = s
-        .app
         .directory
         .add_membership(
             &actor(&headers),
@@ -311,12 +321,40 @@ async fn set_role(
     Path((user, org)): Path<(String, String)>,
     Json(body): Json<SetRole>,
 ) -> ApiResult {
-    check_role(&s, &body.role)?;
-    let m = s
-        .app
-        .directory
-        .set_membership_role(&actor(&headers), &user, &org, &body.role)
-        .await?;
+    let source = match body.role_source.as_deref() {
+        None => None,
+        Some(v) => Some(RoleSource::parse(v).ok_or_else(|| {
+            ApiError::InvalidRequest(format!("role_source `{v}` is not idp or operator"))
+        })?),
+    };
+    let actor = actor(&headers);
+    let m = match (&body.role, source) {
+        (None, None) => {
+            return Err(ApiError::InvalidRequest(
+                "give `role`, `role_source`, or both".into(),
+            ));
+        }
+        (Some(role), source) => {
+            check_role(&s, role)?;
+            let m = s
+                .directory
+                .set_membership_role(&actor, &user, &org, role)
+                .await?;
+            match source {
+                Some(src) if src != RoleSource::Operator => {
+                    s.directory
+                        .set_membership_role_source(&actor, &user, &org, src)
+                        .await?
+                }
+                _ => m,
+            }
+        }
+        (None, Some(src)) => {
+            s.directory
+                .set_membership_role_source(&actor, &user, &org, src)
+                .await?
+        }
+    };
     forget(&s, Affected::Membership(user, org));
     ok(m)
 }
@@ -328,7 +366,6 @@ async fn set_membership(
     active: bool,
 ) -> ApiResult {
     let m = s
-        .app
         .directory
         .set_membership_active(&actor(&headers), &user, &org, active)
         .await?;
@@ -341,8 +378,7 @@ async fn remove_membership(
     headers: HeaderMap,
     Path((user, org)): Path<(String, String)>,
 ) -> ApiResult {
-    s.app
-        .directory
+    s.directory
         .remove_membership(&actor(&headers), &user, &org)
         .await?;
     forget(&s, Affected::Membership(user.clone(), org.clone()));
@@ -368,8 +404,7 @@ async fn list_audit(State(s): State<AdminState>, Query(q): Query<AuditQuery>) ->
         since: q.since,
         until: q.until,
     };
-    ok(s.app
-        .directory
+    ok(s.directory
         .list_audit_events(&filter, q.limit, q.cursor.as_deref())
         .await?)
 }

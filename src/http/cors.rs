@@ -38,7 +38,7 @@ impl CorsPolicy {
             origins: parsed,
             allow_headers: Some(
                 HeaderValue::from_str(allow_headers)
-                    .map_err(|_| "--cors-allow-headers is not header text".to_string())?,
+                    .map_err(|_| "the allowed headers are not header text".to_string())?,
             ),
             max_age: Some(HeaderValue::from(max_age.as_secs())),
         })

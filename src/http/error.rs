@@ -29,9 +29,9 @@ pub enum ApiError {
     /// 504: the upstream did not answer in time.
     #[error("upstream did not respond in time")]
     UpstreamTimeout,
-    /// 503: a dependency (the IdP's keys) is unavailable.
-    #[error("{0}")]
-    Unavailable(String),
+    /// 503: the token's issuer has no usable keys; the detail (URLs, causes) goes to the log only.
+    #[error("the token cannot be verified right now; try again later")]
+    KeysUnavailable(String),
     /// 503: the database failed; the detail goes to the log, not to the client.
     #[error("the identity database is unavailable")]
     DatabaseUnavailable(String),
@@ -52,23 +52,15 @@ impl From<crate::directory::DirectoryError> for ApiError {
     }
 }
 
-impl From<crate::provision::ProvisionError> for ApiError {
-    fn from(e: crate::provision::ProvisionError) -> Self {
-        use crate::provision::ProvisionError as P;
-        let text = e.to_string();
+impl From<crate::access::AccessError> for ApiError {
+    fn from(e: crate::access::AccessError) -> Self {
+        use crate::access::AccessError as A;
         match e {
-            P::TenantNotPermitted => Self::Forbidden("tenant_not_permitted", text),
-            P::MissingTenant(_) => Self::Forbidden("missing_tenant_claim", text),
-            // Which issuer owns the id is in the audit event; the client learns only that it conflicts.
-            P::IdentityConflict(_) => Self::Forbidden(
-                "identity_conflict",
-                "the user or tenant id already belongs to another issuer".into(),
-            ),
-            P::UserInactive => Self::Forbidden("user_inactive", text),
-            P::TenantInactive => Self::Forbidden("tenant_inactive", text),
-            P::MembershipInactive => Self::Forbidden("membership_inactive", text),
-            P::Naming(n) => Self::Internal(n),
-            P::Database(db) => Self::DatabaseUnavailable(db.to_string()),
+            A::InvalidToken(reason) => Self::InvalidToken(reason.to_string()),
+            A::KeysUnavailable(k) => Self::KeysUnavailable(k.to_string()),
+            A::Refused(r) => Self::Forbidden(r.code(), r.to_string()),
+            A::Database(db) => Self::DatabaseUnavailable(db.to_string()),
+            A::Internal(detail) => Self::Internal(detail),
         }
     }
 }
@@ -90,7 +82,9 @@ impl ApiError {
             Self::Forbidden(..) => StatusCode::FORBIDDEN,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::Unavailable(_) | Self::DatabaseUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::KeysUnavailable(_) | Self::DatabaseUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -105,7 +99,7 @@ impl ApiError {
             Self::Forbidden(code, _) => code,
             Self::UpstreamUnavailable(_) => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
-            Self::Unavailable(_) | Self::DatabaseUnavailable(_) => "temporarily_unavailable",
+            Self::KeysUnavailable(_) | Self::DatabaseUnavailable(_) => "temporarily_unavailable",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -122,7 +116,9 @@ impl IntoResponse for ApiError {
         let code = self.code();
         let description = self.to_string();
         let detail = match &self {
-            Self::DatabaseUnavailable(d) | Self::Internal(d) => Some(d.as_str()),
+            Self::KeysUnavailable(d) | Self::DatabaseUnavailable(d) | Self::Internal(d) => {
+                Some(d.as_str())
+            }
             _ => None,
         };
         if status.is_server_error() {

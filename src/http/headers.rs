@@ -1,6 +1,8 @@
 //! The headers idsync owns: stripped from every incoming request, then set from the verified identity.
 //! Pure functions over a `HeaderMap`, so the security-critical list is unit-tested on its own.
 
+use crate::access::Admission;
+use crate::provision::Provisioned;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// Header suffixes idsync controls; each is prefixed with the configured prefix (default `X-`).
@@ -40,14 +42,13 @@ impl HeaderNames {
     pub fn new(prefix: &str) -> Result<Self, String> {
         let name = |suffix: &str| {
             HeaderName::try_from(format!("{prefix}{suffix}"))
-                .map_err(|_| format!("--header-prefix `{prefix}` does not make valid header names"))
+                .map_err(|_| "does not make valid header names".to_string())
         };
         let mut strip_exact = Vec::new();
         for p in [prefix, DEFAULT_PREFIX] {
             for suffix in OWNED {
-                let n = HeaderName::try_from(format!("{p}{suffix}")).map_err(|_| {
-                    format!("--header-prefix `{prefix}` does not make valid header names")
-                })?;
+                let n = HeaderName::try_from(format!("{p}{suffix}"))
+                    .map_err(|_| "does not make valid header names".to_string())?;
                 if !strip_exact.contains(&n) {
                     strip_exact.push(n);
                 }
@@ -92,24 +93,6 @@ impl HeaderNames {
     }
 }
 
-/// What idsync tells the upstream about the caller. Absent fields produce no header.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Forwarded {
-    pub user_id: Option<String>,
-    pub email: Option<String>,
-    pub name: Option<String>,
-    /// Raw IdP roles.
-    pub roles: Vec<String>,
-    /// The mapped app role in the active tenant.
-    pub role: Option<String>,
-    pub tenant_id: Option<String>,
-    pub tenant_ids: Vec<String>,
-    pub tenant_slug: Option<String>,
-    pub tenant_schema: Option<String>,
-    /// `Some(false)` when provisioning was skipped (`--on-db-error pass`).
-    pub synced: Option<bool>,
-}
-
 /// Removes every header idsync owns. Runs first, on every request, authenticated or not. One pass over
 /// the handful of headers a client sent, rather than a hash lookup for each of the 18 owned names; the
 /// list to remove stays empty (no allocation) on an honest request.
@@ -120,27 +103,47 @@ pub fn strip(headers: &mut HeaderMap, names: &HeaderNames) {
     }
 }
 
-/// Sets the identity headers. Call after [`strip`]; values are always single, never appended.
-pub fn inject(headers: &mut HeaderMap, names: &HeaderNames, f: &Forwarded) {
+/// Sets the identity headers for an admitted request. Call after [`strip`]; values are always single,
+/// never appended. `X-User-Roles` carries the token's IdP roles only where they speak for the active
+/// tenant (a Frontegg token's roles are its own tenant's, not the one switched to).
+pub fn inject(headers: &mut HeaderMap, names: &HeaderNames, admitted: &Admission) {
+    let identity = &admitted.authenticated.identity;
+    set_identity(
+        headers,
+        names,
+        &admitted.view,
+        &identity.roles,
+        identity.tenants.iter().map(|t| t.as_str()),
+    );
+}
+
+/// The identity headers from a view and the token's roles and tenants (what `inject` sets; also what
+/// `token inspect` prints).
+pub fn set_identity<'a>(
+    headers: &mut HeaderMap,
+    names: &HeaderNames,
+    v: &Provisioned,
+    idp_roles: &[String],
+    tenant_ids: impl Iterator<Item = &'a str>,
+) {
     let mut set = |name: &HeaderName, value: Option<HeaderValue>| {
         if let Some(v) = value {
             headers.insert(name.clone(), v);
         }
     };
-    set(&names.user_id, f.user_id.as_deref().map(value));
-    set(&names.user_email, f.email.as_deref().map(value));
-    set(&names.user_name, f.name.as_deref().map(value));
-    set(&names.user_roles, list(&f.roles));
-    set(&names.user_role, f.role.as_deref().map(value));
-    set(&names.tenant_id, f.tenant_id.as_deref().map(value));
-    set(&names.tenant_ids, list(&f.tenant_ids));
-    set(&names.tenant_slug, f.tenant_slug.as_deref().map(value));
-    set(&names.tenant_schema, f.tenant_schema.as_deref().map(value));
-    if let Some(synced) = f.synced {
-        headers.insert(
-            names.idsync("Synced"),
-            HeaderValue::from_static(if synced { "true" } else { "false" }),
-        );
+    set(&names.user_id, v.user_id.as_deref().map(value));
+    set(&names.user_email, v.email.as_deref().map(value));
+    set(&names.user_name, v.name.as_deref().map(value));
+    if v.idp_roles_apply {
+        set(&names.user_roles, list(idp_roles.iter()));
+    }
+    set(&names.user_role, v.role.as_deref().map(value));
+    set(&names.tenant_id, v.tenant_id.as_deref().map(value));
+    set(&names.tenant_ids, list(tenant_ids));
+    set(&names.tenant_slug, v.tenant_slug.as_deref().map(value));
+    set(&names.tenant_schema, v.tenant_schema.as_deref().map(value));
+    if !v.synced {
+        headers.insert(names.idsync("Synced"), HeaderValue::from_static("false"));
     }
 }
 
@@ -150,14 +153,20 @@ pub fn value(s: &str) -> HeaderValue {
     encode(s, false)
 }
 
-fn list(items: &[String]) -> Option<HeaderValue> {
-    if items.is_empty() {
+fn list<'a, S: AsRef<str> + ?Sized + 'a>(
+    items: impl Iterator<Item = &'a S>,
+) -> Option<HeaderValue> {
+    let joined: Vec<String> = items
+        .map(|i| {
+            encode(i.as_ref(), true)
+                .to_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    if joined.is_empty() {
         return None;
     }
-    let joined: Vec<String> = items
-        .iter()
-        .map(|i| encode(i, true).to_str().unwrap_or_default().to_owned())
-        .collect();
     Some(HeaderValue::from_str(&joined.join(",")).expect("encoded values are visible ASCII"))
 }
 
@@ -227,24 +236,47 @@ mod tests {
         let names = HeaderNames::new("X-").unwrap();
         let mut h = spoofed();
         strip(&mut h, &names);
-        inject(
-            &mut h,
-            &names,
-            &Forwarded {
-                user_id: Some("u-1".into()),
-                roles: vec!["admin".into(), "a,b".into()],
-                tenant_id: Some("t-1".into()),
-                tenant_ids: vec!["t-1".into(), "t-2".into()],
-                synced: Some(false),
-                ..Default::default()
-            },
-        );
+        let view = Provisioned {
+            user_id: Some("u-1".into()),
+            tenant_id: Some("t-1".into()),
+            idp_roles_apply: true,
+            synced: false,
+            ..Default::default()
+        };
+        let roles = ["admin".to_string(), "a,b".to_string()];
+        set_identity(&mut h, &names, &view, &roles, ["t-1", "t-2"].into_iter());
         assert_eq!(h.get_all("x-user-id").iter().count(), 1);
         assert_eq!(h["x-user-id"], "u-1");
         assert_eq!(h["x-user-roles"], "admin,a%2Cb");
         assert_eq!(h["x-tenant-ids"], "t-1,t-2");
         assert_eq!(h["x-idsync-synced"], "false");
         assert!(h.get("x-user-email").is_none());
+    }
+
+    #[test]
+    fn idp_roles_are_forwarded_only_where_they_speak_for_the_tenant() {
+        let names = HeaderNames::new("X-").unwrap();
+        let mut h = HeaderMap::new();
+        let view = Provisioned {
+            tenant_id: Some("t-2".into()),
+            role: Some("viewer".into()),
+            idp_roles_apply: false,
+            synced: true,
+            ..Default::default()
+        };
+        set_identity(
+            &mut h,
+            &names,
+            &view,
+            &["Admin".to_string()],
+            std::iter::empty(),
+        );
+        assert!(h.get("x-user-roles").is_none(), "{h:?}");
+        assert_eq!(h["x-user-role"], "viewer");
+        assert!(
+            h.get("x-idsync-synced").is_none(),
+            "synced requests carry no marker"
+        );
     }
 
     #[test]

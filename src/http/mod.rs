@@ -1,6 +1,6 @@
 //! The HTTP edge: the proxy listener (reverse proxy, forward-auth and `/.idsync/me|tenant` on one
-//! pipeline, CORS) and the admin listener. Builds no SQL and holds no policy of its own beyond mapping
-//! outcomes to statuses.
+//! pipeline, CORS) and the admin listener. Builds no SQL and holds no policy of its own: it reads what a
+//! request carries, asks `access`, and maps the answer to a status and headers.
 
 pub mod admin;
 pub mod admin_api;
@@ -11,9 +11,8 @@ pub mod headers;
 pub mod proxy;
 pub mod server;
 
-use crate::config::OnDbError;
-use crate::provision::{ProvisionError, Provisioner};
-use auth::{Authenticator, ClientAsks};
+use crate::access::{Admission, Gatekeeper};
+use crate::directory::Directory;
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
@@ -22,7 +21,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use error::{ApiError, ErrorId};
-use headers::{Forwarded, HeaderNames};
+use headers::HeaderNames;
 use http::{HeaderMap, StatusCode};
 use serde_json::json;
 use std::net::SocketAddr;
@@ -30,14 +29,12 @@ use std::sync::Arc;
 
 /// Everything a request needs; built once by `startup`.
 pub struct AppState {
-    pub auth: Authenticator,
+    pub gatekeeper: Arc<Gatekeeper>,
     pub upstream: proxy::Upstream,
     pub names: HeaderNames,
     /// Path prefixes proxied without a token (still stripped).
     pub skip_auth: Vec<String>,
-    pub provisioner: Arc<Provisioner>,
-    pub directory: Arc<crate::directory::Directory>,
-    pub on_db_error: OnDbError,
+    pub directory: Arc<Directory>,
     pub cors: cors::CorsPolicy,
 }
 
@@ -46,6 +43,15 @@ pub struct AppState {
 struct LogIdentity {
     user_id: Option<String>,
     tenant_id: Option<String>,
+}
+
+impl LogIdentity {
+    fn of(admission: &Admission) -> Self {
+        Self {
+            user_id: admission.view.user_id.clone(),
+            tenant_id: admission.view.tenant_id.clone(),
+        }
+    }
 }
 
 /// The main listener's routes: forward-auth under `/.idsync/`, everything else proxied.
@@ -67,29 +73,30 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// `GET /.idsync/me`: the caller's synced profile, the active tenant and every tenant they may switch to.
 async fn me(State(state): State<Arc<AppState>>, mut req: Request) -> Response {
-    let passed = match pipeline(&state, req.headers_mut(), None).await {
-        Ok(Some(p)) => p,
+    let admitted = match pipeline(&state, req.headers_mut(), None).await {
+        Ok(Some(a)) => a,
         Ok(None) => return ApiError::InvalidToken("missing bearer token".into()).into_response(),
         Err(e) => return e.into_response(),
     };
     let result = async {
-        let identity = &passed.authenticated.identity;
-        let user = match &passed.forwarded.user_id {
-            Some(id) => Some(state.directory.get_user(id).await?.user),
-            None => None,
+        let identity = &admitted.authenticated.identity;
+        let view = &admitted.view;
+        let user = match (&view.user_id, view.synced) {
+            (Some(id), true) => Some(state.directory.get_user(id).await?.user),
+            _ => None,
         };
-        let active = active_tenant(&state, &passed).await?;
+        let active = active_tenant(&state, &admitted).await?;
         let mut tenants: Vec<serde_json::Value> = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        if let Some(uid) = &passed.forwarded.user_id {
+        if let (Some(uid), true) = (&view.user_id, view.synced) {
             for (org, m) in state.directory.active_organizations_of(uid).await? {
                 seen.insert(org.id.clone());
-                tenants.push(json!({"id": org.id, "name": org.name, "slug": org.slug, "role": m.role, "source": "membership"}));
+                tenants.push(json!({"id": org.id, "name": org.name, "slug": org.slug, "role": m.role, "role_source": m.role_source, "source": "membership"}));
             }
         }
         for t in &identity.tenants {
             if seen.insert(t.to_string()) {
-                tenants.push(json!({"id": t, "name": identity.tenant_name(t.as_str()), "slug": null, "role": null, "source": "token"}));
+                tenants.push(json!({"id": t, "name": identity.tenant_name(t.as_str()), "slug": null, "role": null, "role_source": null, "source": "token"}));
             }
         }
         Ok::<_, ApiError>(json!({
@@ -98,7 +105,7 @@ async fn me(State(state): State<Arc<AppState>>, mut req: Request) -> Response {
             "idp_roles": identity.roles,
             "tenant": active,
             "tenants": tenants,
-            "synced": passed.synced.is_some(),
+            "synced": view.synced,
         }))
     }
     .await;
@@ -115,12 +122,12 @@ async fn me(State(state): State<Arc<AppState>>, mut req: Request) -> Response {
 
 /// `GET /.idsync/tenant`: the active tenant alone.
 async fn tenant(State(state): State<Arc<AppState>>, mut req: Request) -> Response {
-    let passed = match pipeline(&state, req.headers_mut(), None).await {
-        Ok(Some(p)) => p,
+    let admitted = match pipeline(&state, req.headers_mut(), None).await {
+        Ok(Some(a)) => a,
         Ok(None) => return ApiError::InvalidToken("missing bearer token".into()).into_response(),
         Err(e) => return e.into_response(),
     };
-    match active_tenant(&state, &passed).await {
+    match active_tenant(&state, &admitted).await {
         Ok(Some(t)) => (StatusCode::OK, [(http::header::CACHE_CONTROL, "no-store")], Json(json!({
             "tenant_id": t["id"], "name": t["name"], "slug": t["slug"], "is_active": t["is_active"], "role": t["role"],
         }))).into_response(),
@@ -131,67 +138,40 @@ async fn tenant(State(state): State<Arc<AppState>>, mut req: Request) -> Respons
 
 async fn active_tenant(
     state: &AppState,
-    passed: &Passed,
+    admitted: &Admission,
 ) -> Result<Option<serde_json::Value>, ApiError> {
-    let Some(id) = &passed.forwarded.tenant_id else {
+    let view = &admitted.view;
+    let Some(id) = &view.tenant_id else {
         return Ok(None);
     };
-    if passed.synced.is_none() {
+    if !view.synced {
         return Ok(Some(
-            json!({"id": id, "name": null, "slug": null, "is_active": null, "role": null}),
+            json!({"id": id, "name": view.tenant_name, "slug": null, "is_active": null, "role": view.role}),
         ));
     }
     let org = state.directory.get_organization(id).await?.organization;
     Ok(Some(json!({
-        "id": org.id, "name": org.name, "slug": org.slug, "is_active": org.is_active, "role": passed.forwarded.role,
+        "id": org.id, "name": org.name, "slug": org.slug, "is_active": org.is_active, "role": view.role,
     })))
 }
 
-/// What the pipeline established about a request.
-pub struct Passed {
-    pub forwarded: Forwarded,
-    pub authenticated: Arc<auth::Authenticated>,
-    /// `None` when sync was skipped under `--on-db-error pass`.
-    pub synced: Option<Arc<crate::provision::Provisioned>>,
-}
-
 /// Runs the shared pipeline: take the tenant request aside, strip, skip-auth (when `path` is given) or
-/// authenticate and sync. Returns `None` for a public path.
+/// ask the access layer. Returns `None` for a public path.
 async fn pipeline(
     state: &AppState,
     headers: &mut HeaderMap,
     path: Option<&str>,
-) -> Result<Option<Passed>, ApiError> {
-    let asks: ClientAsks = auth::take_and_strip(headers, &state.names)?;
+) -> Result<Option<Admission>, ApiError> {
+    let asks = auth::take_and_strip(headers, &state.names)?;
     if path.is_some_and(|p| is_public(&state.skip_auth, p)) {
         return Ok(None);
     }
     let token = auth::bearer_token(headers)?;
-    let authenticated = state.auth.authenticate(token, auth::unix_now()).await?;
-    let identity = &authenticated.identity;
-    match state
-        .provisioner
-        .sync(identity, asks.tenant.as_deref())
-        .await
-    {
-        Ok(synced) => Ok(Some(Passed {
-            forwarded: auth::forwarded_from_sync(identity, &synced),
-            authenticated: authenticated.clone(),
-            synced: Some(synced),
-        })),
-        Err(ProvisionError::Database(e)) if state.on_db_error == OnDbError::Pass => {
-            tracing::warn!(error = %e, "database unavailable; forwarding the unsynced identity (--on-db-error pass)");
-            let tenant = auth::resolve_tenant(identity, &asks)?;
-            let mut forwarded = auth::forwarded_from_identity(identity, tenant);
-            forwarded.synced = Some(false);
-            Ok(Some(Passed {
-                forwarded,
-                authenticated: authenticated.clone(),
-                synced: None,
-            }))
-        }
-        Err(e) => Err(e.into()),
-    }
+    let admitted = state
+        .gatekeeper
+        .admit(token, asks.tenant.as_ref(), crate::oidc::unix_now())
+        .await?;
+    Ok(Some(admitted))
 }
 
 async fn reverse_proxy(
@@ -200,22 +180,19 @@ async fn reverse_proxy(
     mut req: Request,
 ) -> Response {
     let path = req.uri().path().to_owned();
-    let forwarded = match pipeline(&state, req.headers_mut(), Some(&path)).await {
-        Ok(passed) => passed.map(|p| p.forwarded),
+    let admitted = match pipeline(&state, req.headers_mut(), Some(&path)).await {
+        Ok(a) => a,
         Err(e) => return e.into_response(),
     };
-    if let Some(f) = &forwarded {
-        headers::inject(req.headers_mut(), &state.names, f);
+    if let Some(a) = &admitted {
+        headers::inject(req.headers_mut(), &state.names, a);
     }
     let mut response = match state.upstream.forward(req, client).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
-    if let Some(f) = forwarded {
-        response.extensions_mut().insert(LogIdentity {
-            user_id: f.user_id,
-            tenant_id: f.tenant_id,
-        });
+    if let Some(a) = &admitted {
+        response.extensions_mut().insert(LogIdentity::of(a));
     }
     response
 }
@@ -230,14 +207,11 @@ async fn forward_auth(State(state): State<Arc<AppState>>, mut req: Request) -> R
         .unwrap_or_else(|| "/".to_owned());
     match pipeline(&state, req.headers_mut(), Some(&original)).await {
         Err(e) => e.into_response(),
-        Ok(passed) => {
+        Ok(admitted) => {
             let mut response = (StatusCode::OK, Body::empty()).into_response();
-            if let Some(f) = passed.map(|p| p.forwarded) {
-                headers::inject(response.headers_mut(), &state.names, &f);
-                response.extensions_mut().insert(LogIdentity {
-                    user_id: f.user_id,
-                    tenant_id: f.tenant_id,
-                });
+            if let Some(a) = &admitted {
+                headers::inject(response.headers_mut(), &state.names, a);
+                response.extensions_mut().insert(LogIdentity::of(a));
             }
             response
         }

@@ -32,20 +32,14 @@ const HOP_BY_HOP: &[HeaderName] = &[
 ];
 
 impl Upstream {
+    /// `url` is the validated upstream (`http://` with a host, see `config`).
     pub fn new(
         url: &url::Url,
         connect_timeout: Duration,
         response_timeout: Duration,
-    ) -> Result<Self, String> {
-        let uri: Uri = url
-            .as_str()
-            .parse()
-            .map_err(|e| format!("--upstream: {e}"))?;
-        let scheme = uri.scheme().cloned().ok_or("--upstream has no scheme")?;
-        if scheme != http::uri::Scheme::HTTP {
-            return Err("--upstream must be http:// (the app runs in the same pod)".into());
-        }
-        let authority = uri.authority().cloned().ok_or("--upstream has no host")?;
+    ) -> Result<Self, http::uri::InvalidUri> {
+        let authority = http::uri::Authority::try_from(url.authority())?;
+        let scheme = http::uri::Scheme::HTTP;
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(connect_timeout));
         connector.set_nodelay(true);
@@ -57,7 +51,7 @@ impl Upstream {
             client,
             scheme,
             authority,
-            base_path: uri.path().trim_end_matches('/').to_owned(),
+            base_path: url.path().trim_end_matches('/').to_owned(),
             response_timeout,
         })
     }

@@ -1,6 +1,6 @@
 //! Typed reads of JSON claims: each helper names the claim in its error, so a bad token gets a precise reason.
 
-use super::{IdentityError, IdpId, MAX_LIST_ITEMS, MAX_PROFILE_BYTES};
+use super::{IdentityError, MAX_LIST_ITEMS, MAX_PROFILE_BYTES, Subject, TenantId};
 use serde_json::{Map, Value};
 
 /// A claim location: a literal top-level key (URL-style claim names contain dots) or a dotted path into objects.
@@ -81,12 +81,21 @@ pub(super) fn opt_bool(
     }
 }
 
-pub(super) fn opt_id(
+pub(super) fn opt_subject(
     claims: &Map<String, Value>,
     claim: &str,
-) -> Result<Option<IdpId>, IdentityError> {
+) -> Result<Option<Subject>, IdentityError> {
     opt_str(claims, claim)?
-        .map(|s| IdpId::parse(claim, s))
+        .map(|s| Subject::parse(claim, s))
+        .transpose()
+}
+
+pub(super) fn opt_tenant(
+    claims: &Map<String, Value>,
+    claim: &str,
+) -> Result<Option<TenantId>, IdentityError> {
+    opt_str(claims, claim)?
+        .map(|s| TenantId::parse(claim, s))
         .transpose()
 }
 
@@ -136,11 +145,14 @@ pub(super) fn string_list(
 }
 
 /// Tenant ids from a claim that is a string, a number or a list of them (first is the active one).
-pub(super) fn tenant_ids(value: Option<&Value>, claim: &str) -> Result<Vec<IdpId>, IdentityError> {
-    let one = |v: &Value| -> Result<IdpId, IdentityError> {
+pub(super) fn tenant_ids(
+    value: Option<&Value>,
+    claim: &str,
+) -> Result<Vec<TenantId>, IdentityError> {
+    let one = |v: &Value| -> Result<TenantId, IdentityError> {
         match v {
-            Value::String(s) => IdpId::parse(claim, s),
-            Value::Number(n) => IdpId::parse(claim, &n.to_string()),
+            Value::String(s) => TenantId::parse(claim, s),
+            Value::Number(n) => TenantId::parse(claim, &n.to_string()),
             _ => Err(IdentityError::invalid(claim, "is not a tenant id")),
         }
     };
@@ -153,7 +165,7 @@ pub(super) fn tenant_ids(value: Option<&Value>, claim: &str) -> Result<Vec<IdpId
                     format!("has more than {MAX_LIST_ITEMS} items"),
                 ));
             }
-            let mut out: Vec<IdpId> = Vec::with_capacity(items.len());
+            let mut out: Vec<TenantId> = Vec::with_capacity(items.len());
             for item in items {
                 let id = one(item)?;
                 if !out.contains(&id) {

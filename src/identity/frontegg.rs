@@ -1,6 +1,6 @@
 //! Frontegg dialect: who the caller is depends on the token `type`; tenant from `tenantId`, allowed list from `tenantIds`.
 
-use super::claims::{opt_id, opt_profile, opt_str, string_list, tenant_ids};
+use super::claims::{opt_profile, opt_str, opt_subject, opt_tenant, string_list, tenant_ids};
 use super::{Identity, IdentityError, standard_profile};
 use serde_json::{Map, Value};
 
@@ -9,7 +9,7 @@ pub(super) fn map(claims: &Map<String, Value>) -> Result<Identity, IdentityError
     let kind = opt_str(claims, "type")?.unwrap_or("userToken");
     identity.subject = match kind {
         "userToken" => Some(required(claims, "sub")?),
-        "userApiToken" => Some(match opt_id(claims, "createdByUserId")? {
+        "userApiToken" => Some(match opt_subject(claims, "createdByUserId")? {
             Some(id) => id,
             None => required(claims, "userId")?,
         }),
@@ -25,7 +25,7 @@ pub(super) fn map(claims: &Map<String, Value>) -> Result<Identity, IdentityError
         Some(v) => Some(v.clone()),
     };
     identity.tenant_sources.push("tenantId".into());
-    identity.tenant = opt_id(claims, "tenantId")?;
+    identity.tenant = opt_tenant(claims, "tenantId")?;
     identity.tenants = tenant_ids(claims.get("tenantIds"), "tenantIds")?;
     if identity.tenant.is_none() && identity.subject.is_none() {
         // A tenant-level token that names no tenant identifies nobody.
@@ -37,6 +37,6 @@ pub(super) fn map(claims: &Map<String, Value>) -> Result<Identity, IdentityError
     Ok(identity)
 }
 
-fn required(claims: &Map<String, Value>, claim: &str) -> Result<super::IdpId, IdentityError> {
-    opt_id(claims, claim)?.ok_or_else(|| IdentityError::MissingSubject(claim.to_owned()))
+fn required(claims: &Map<String, Value>, claim: &str) -> Result<super::Subject, IdentityError> {
+    opt_subject(claims, claim)?.ok_or_else(|| IdentityError::MissingSubject(claim.to_owned()))
 }

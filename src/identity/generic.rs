@@ -1,6 +1,6 @@
 //! Generic OIDC dialect: `sub`, standard profile claims, tenant and roles from configured claim paths.
 
-use super::claims::{opt_id, string_list, tenant_ids};
+use super::claims::{opt_subject, string_list, tenant_ids};
 use super::{Identity, IdentityError, MappingRules, standard_profile};
 use serde_json::{Map, Value};
 
@@ -9,8 +9,9 @@ pub(super) fn map(
     rules: &MappingRules,
 ) -> Result<Identity, IdentityError> {
     let mut identity = standard_profile(claims)?;
-    identity.subject =
-        Some(opt_id(claims, "sub")?.ok_or_else(|| IdentityError::MissingSubject("sub".into()))?);
+    identity.subject = Some(
+        opt_subject(claims, "sub")?.ok_or_else(|| IdentityError::MissingSubject("sub".into()))?,
+    );
     if identity.name.is_none() {
         identity.name = identity.username.clone();
     }

@@ -1,8 +1,8 @@
 //! Keycloak 24-26 dialect: realm and client roles, the `organization` claim in all its shapes, access tokens only.
 
-use super::claims::{opt_id, opt_str, push_unique, string_list};
+use super::claims::{opt_str, opt_subject, push_unique, string_list};
 use super::generic::apply_tenant_claim;
-use super::{Identity, IdentityError, IdpId, MappingRules, standard_profile};
+use super::{Identity, IdentityError, MappingRules, TenantId, standard_profile};
 use serde_json::{Map, Value};
 
 pub(super) fn map(
@@ -16,8 +16,9 @@ pub(super) fn map(
         return Err(IdentityError::NotAnAccessToken(typ.to_owned()));
     }
     let mut identity = standard_profile(claims)?;
-    identity.subject =
-        Some(opt_id(claims, "sub")?.ok_or_else(|| IdentityError::MissingSubject("sub".into()))?);
+    identity.subject = Some(
+        opt_subject(claims, "sub")?.ok_or_else(|| IdentityError::MissingSubject("sub".into()))?,
+    );
     if identity.name.is_none() {
         identity.name = identity.username.clone();
     }
@@ -56,21 +57,21 @@ pub(super) fn map(
 /// The Keycloak Organizations claim: a list of aliases, a map of alias -> `{ "id": .. }` (the id wins,
 /// an alias can be renamed), or one alias string. Order follows the token. Each id comes with its alias
 /// when the alias is not the id itself.
-fn organizations(value: Option<&Value>) -> Result<Vec<(IdpId, Option<String>)>, IdentityError> {
+fn organizations(value: Option<&Value>) -> Result<Vec<(TenantId, Option<String>)>, IdentityError> {
     const CLAIM: &str = "organization";
-    let mut out: Vec<(IdpId, Option<String>)> = Vec::new();
-    let mut push = |id: IdpId, alias: Option<String>| {
+    let mut out: Vec<(TenantId, Option<String>)> = Vec::new();
+    let mut push = |id: TenantId, alias: Option<String>| {
         if !out.iter().any(|(x, _)| *x == id) {
             out.push((id, alias));
         }
     };
     match value {
         None | Some(Value::Null) => {}
-        Some(Value::String(alias)) => push(IdpId::parse(CLAIM, alias)?, None),
+        Some(Value::String(alias)) => push(TenantId::parse(CLAIM, alias)?, None),
         Some(Value::Array(items)) => {
             for item in items {
                 match item {
-                    Value::String(alias) => push(IdpId::parse(CLAIM, alias)?, None),
+                    Value::String(alias) => push(TenantId::parse(CLAIM, alias)?, None),
                     _ => {
                         return Err(IdentityError::InvalidClaim {
                             claim: CLAIM.into(),
@@ -93,7 +94,7 @@ fn organizations(value: Option<&Value>) -> Result<Vec<(IdpId, Option<String>)>, 
                     }
                 };
                 let alias = (id != alias.as_str()).then(|| alias.clone());
-                push(IdpId::parse(CLAIM, id)?, alias);
+                push(TenantId::parse(CLAIM, id)?, alias);
             }
         }
         Some(_) => {

@@ -5,6 +5,7 @@ mod claims;
 mod frontegg;
 mod generic;
 mod keycloak;
+mod membership;
 mod roles;
 
 use serde::Serialize;
@@ -13,7 +14,8 @@ use std::fmt;
 use std::sync::Arc;
 
 pub use claims::ClaimPath;
-pub use roles::RoleMap;
+pub use membership::{RolePlan, RoleSource, StoredMembership};
+pub use roles::{RoleMap, RoleMapError};
 
 /// Longest identifier (subject, tenant id) idsync accepts; longer ones are not ids but payloads.
 pub const MAX_ID_BYTES: usize = 255;
@@ -60,43 +62,66 @@ pub struct MappingRules {
     pub roles_claim: ClaimPath,
 }
 
-/// An identifier the IdP owns (a `sub`, a tenant id): non-empty, at most [`MAX_ID_BYTES`], no control characters.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(transparent)]
-pub struct IdpId(String);
-
-/// The user's id at the IdP (`sub`, or Frontegg's `userId`/`createdByUserId`).
-pub type Subject = IdpId;
-/// The tenant's id at the IdP (Frontegg `tenantId`, Keycloak organization id, or the configured claim).
-pub type TenantId = IdpId;
-
-impl IdpId {
-    pub fn parse(claim: &str, raw: &str) -> Result<Self, IdentityError> {
-        if raw.is_empty() {
-            return Err(IdentityError::invalid(claim, "is empty"));
-        }
-        if raw.len() > MAX_ID_BYTES {
-            return Err(IdentityError::invalid(
-                claim,
-                format!("is longer than {MAX_ID_BYTES} bytes"),
-            ));
-        }
-        if raw.chars().any(char::is_control) {
-            return Err(IdentityError::invalid(claim, "contains control characters"));
-        }
-        Ok(Self(raw.to_owned()))
+/// Checks an identifier the IdP owns (a `sub`, a tenant id): non-empty, at most [`MAX_ID_BYTES`], no
+/// control characters.
+fn check_id(claim: &str, raw: &str) -> Result<(), IdentityError> {
+    if raw.is_empty() {
+        return Err(IdentityError::invalid(claim, "is empty"));
     }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
+    if raw.len() > MAX_ID_BYTES {
+        return Err(IdentityError::invalid(
+            claim,
+            format!("is longer than {MAX_ID_BYTES} bytes"),
+        ));
     }
+    if raw.chars().any(char::is_control) {
+        return Err(IdentityError::invalid(claim, "contains control characters"));
+    }
+    Ok(())
 }
 
-impl fmt::Display for IdpId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Distinct types for the IdP's ids, so a user id can never be passed where a tenant id is meant.
+macro_rules! idp_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+        #[serde(transparent)]
+        pub struct $name(Box<str>);
+
+        impl $name {
+            /// Validates `raw` as read from `claim` (named in the error).
+            pub fn parse(claim: &str, raw: &str) -> Result<Self, IdentityError> {
+                check_id(claim, raw)?;
+                Ok(Self(raw.into()))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                &*self.0 == other
+            }
+        }
+    };
 }
+
+idp_id!(
+    /// The user's id at the IdP (`sub`, or Frontegg's `userId`/`createdByUserId`).
+    Subject
+);
+idp_id!(
+    /// The tenant's id at the IdP (Frontegg `tenantId`, Keycloak organization id, or the configured claim).
+    TenantId
+);
 
 /// Who is calling, as the IdP says, in one shape whatever the IdP.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -129,7 +154,7 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Whether the token allows acting in `tenant` (its own tenant or one of its listed tenants).
+    /// The display name the token gives `tenant` (a Keycloak organization alias), if any.
     pub fn tenant_name(&self, tenant: &str) -> Option<&str> {
         self.tenant_names
             .iter()
@@ -137,9 +162,22 @@ impl Identity {
             .map(|(_, n)| n.as_str())
     }
 
+    /// Whether the token lets the caller act in `tenant` (its own tenant or one of its listed tenants).
     pub fn allows_tenant(&self, tenant: &str) -> bool {
         self.tenant.as_ref().is_some_and(|t| t.as_str() == tenant)
             || self.tenants.iter().any(|t| t.as_str() == tenant)
+    }
+
+    /// Whether the token's roles speak for `tenant`. Frontegg scopes `roles` to the token's `tenantId`
+    /// alone (`tenantIds` only lists where the user may switch); Keycloak and generic tokens assert every
+    /// tenant in their tenant claim, and realm-wide roles apply to those memberships only.
+    pub fn asserts_tenant(&self, tenant: &str) -> bool {
+        match self.dialect {
+            Dialect::Frontegg => self.tenant.as_ref().is_some_and(|t| t.as_str() == tenant),
+            Dialect::Keycloak | Dialect::Generic => {
+                self.tenants.iter().any(|t| t.as_str() == tenant)
+            }
+        }
     }
 }
 

@@ -22,16 +22,33 @@ pub const DEFAULT_MAPPINGS: &[(&str, &str)] = &[
     ("viewer", "viewer"),
 ];
 
+/// Why a role map cannot be built; the caller says which setting each came from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RoleMapError {
+    #[error("at least one app role is required")]
+    NoAppRoles,
+    #[error("`{mapping}`: `{role}` is not an app role (known: {known})")]
+    MappedToUnknown {
+        mapping: String,
+        role: String,
+        known: String,
+    },
+    #[error("`{0}` is not IDP_ROLE=APP_ROLE")]
+    NotAMapping(String),
+    #[error("`{role}` is not an app role (known: {known})")]
+    UnknownDefault { role: String, known: String },
+}
+
 impl RoleMap {
     /// `mappings` (`IDP_ROLE=APP_ROLE`) are applied over the defaults; every app role named must be in `app_roles`.
     pub fn new(
         app_roles: &[String],
         mappings: &[String],
         default: &str,
-    ) -> Result<Self, Vec<String>> {
+    ) -> Result<Self, Vec<RoleMapError>> {
         let mut errors = Vec::new();
         if app_roles.is_empty() {
-            errors.push("--app-roles: at least one app role is required".to_string());
+            errors.push(RoleMapError::NoAppRoles);
         }
         let index = |role: &str| app_roles.iter().position(|r| r == role);
         let mut map = HashMap::new();
@@ -46,20 +63,20 @@ impl RoleMap {
                     Some(i) => {
                         map.insert(idp.trim().to_owned(), i);
                     }
-                    None => errors.push(format!(
-                        "--role-map `{m}`: `{}` is not an app role (known: {})",
-                        app.trim(),
-                        app_roles.join(", ")
-                    )),
+                    None => errors.push(RoleMapError::MappedToUnknown {
+                        mapping: m.clone(),
+                        role: app.trim().to_owned(),
+                        known: app_roles.join(", "),
+                    }),
                 },
-                _ => errors.push(format!("--role-map `{m}` is not IDP_ROLE=APP_ROLE")),
+                _ => errors.push(RoleMapError::NotAMapping(m.clone())),
             }
         }
         let default = index(default).unwrap_or_else(|| {
-            errors.push(format!(
-                "--default-role `{default}` is not an app role (known: {})",
-                app_roles.join(", ")
-            ));
+            errors.push(RoleMapError::UnknownDefault {
+                role: default.to_owned(),
+                known: app_roles.join(", "),
+            });
             0
         });
         if errors.is_empty() {
@@ -91,6 +108,11 @@ impl RoleMap {
     /// The strongest app role, given to the owner of a personal organization.
     pub fn strongest(&self) -> &str {
         &self.app_roles[0]
+    }
+
+    /// The role for users none of whose IdP roles map, and for tenants no token speaks for.
+    pub fn default_role(&self) -> &str {
+        &self.app_roles[self.default]
     }
 }
 

@@ -24,8 +24,8 @@ fn fixture(s: &str) -> Map<String, Value> {
     serde_json::from_str(s).unwrap()
 }
 
-fn ids(list: &[IdpId]) -> Vec<&str> {
-    list.iter().map(IdpId::as_str).collect()
+fn ids(list: &[TenantId]) -> Vec<&str> {
+    list.iter().map(TenantId::as_str).collect()
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! and stale-if-error (the last good keys stay in use through an IdP outage, up to a maximum age).
 
 use super::keys::KeySet;
-use super::source::{IdpClient, KeySource};
+use super::source::{FetchError, IdpClient, JwksFetch, KeySource};
 use arc_swap::ArcSwapOption;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,12 +39,38 @@ impl Trigger {
     }
 }
 
+/// Why an issuer has no keys to verify with right now. The message names the issuer and the cause: for
+/// logs and readiness, not for API clients.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeysUnavailable {
+    #[error("no keys loaded yet for {issuer}{}", last_error(.last))]
+    NotLoaded {
+        issuer: String,
+        last: Option<FetchError>,
+    },
+    #[error("keys for {issuer} are {age_secs}s old, past the maximum age of {max_secs}s{}", last_error(.last))]
+    TooOld {
+        issuer: String,
+        age_secs: u64,
+        max_secs: u64,
+        last: Option<FetchError>,
+    },
+}
+
+fn last_error(e: &Option<FetchError>) -> String {
+    e.as_ref()
+        .map(|e| format!("; last error: {e}"))
+        .unwrap_or_default()
+}
+
 struct RefreshState {
     /// Last refetch caused by an unknown `kid`; the cooldown counts from it, so scheduled loads
     /// never delay picking up a rotation.
     last_on_demand: Option<Instant>,
     /// The `jwks_uri` discovery returned; refetches on unknown `kid` go straight to it.
     jwks_uri: Option<Url>,
+    /// The JWKS answer's `ETag`, sent back as `If-None-Match` so an unchanged set costs the IdP a 304.
+    etag: Option<String>,
 }
 
 pub struct IssuerKeys {
@@ -56,7 +82,7 @@ pub struct IssuerKeys {
     /// Bumped on every successful load; waiters compare it to know someone else already fetched.
     generation: AtomicU64,
     refresh: tokio::sync::Mutex<RefreshState>,
-    last_error: std::sync::Mutex<Option<String>>,
+    last_error: std::sync::Mutex<Option<FetchError>>,
 }
 
 impl IssuerKeys {
@@ -76,6 +102,7 @@ impl IssuerKeys {
             refresh: tokio::sync::Mutex::new(RefreshState {
                 last_on_demand: None,
                 jwks_uri: None,
+                etag: None,
             }),
             last_error: std::sync::Mutex::new(None),
         }
@@ -85,32 +112,35 @@ impl IssuerKeys {
         &self.issuer
     }
 
+    pub fn source(&self) -> &KeySource {
+        &self.source
+    }
+
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
 
     /// The keys, if there are any and they are not older than the maximum age.
-    pub fn usable(&self) -> Result<Arc<KeySet>, String> {
+    pub fn usable(&self) -> Result<Arc<KeySet>, KeysUnavailable> {
         let Some(set) = self.current.load_full() else {
-            return Err(match self.last_error() {
-                Some(e) => format!("no keys loaded yet for {}: {e}", self.issuer),
-                None => format!("no keys loaded yet for {}", self.issuer),
+            return Err(KeysUnavailable::NotLoaded {
+                issuer: self.issuer.clone(),
+                last: self.last_error(),
             });
         };
         let age = set.fetched_at.elapsed();
         if age > self.opts.max_stale {
-            return Err(format!(
-                "keys for {} are {}s old, past the maximum age of {}s; last error: {}",
-                self.issuer,
-                age.as_secs(),
-                self.opts.max_stale.as_secs(),
-                self.last_error().unwrap_or_else(|| "none".into())
-            ));
+            return Err(KeysUnavailable::TooOld {
+                issuer: self.issuer.clone(),
+                age_secs: age.as_secs(),
+                max_secs: self.opts.max_stale.as_secs(),
+                last: self.last_error(),
+            });
         }
         Ok(set)
     }
 
-    pub fn last_error(&self) -> Option<String> {
+    pub fn last_error(&self) -> Option<FetchError> {
         self.last_error.lock().map(|e| e.clone()).unwrap_or(None)
     }
 
@@ -130,33 +160,79 @@ impl IssuerKeys {
                 .increment(1);
             return false;
         }
-        self.load(&mut state, trigger).await
+        self.load(&mut state, trigger).await.is_ok()
     }
 
-    async fn load(&self, state: &mut RefreshState, trigger: Trigger) -> bool {
+    async fn fetch(
+        &self,
+        state: &mut RefreshState,
+        trigger: Trigger,
+    ) -> Result<Option<KeySet>, FetchError> {
+        let jwks = |uri: Url, etag: Option<String>| async move {
+            match self.client.jwks(&uri, etag.as_deref()).await? {
+                JwksFetch::NotModified => Ok((None, etag)),
+                JwksFetch::Keys { set, etag } => Ok((Some(set), etag)),
+            }
+        };
+        let uri = match &self.source {
+            KeySource::File(path) => {
+                let shown = path.display().to_string();
+                let bytes = tokio::fs::read(path)
+                    .await
+                    .map_err(|e| FetchError::KeyFile {
+                        path: shown.clone(),
+                        cause: e.to_string(),
+                    })?;
+                return KeySet::from_file_bytes(&bytes).map(Some).map_err(|e| {
+                    FetchError::KeyFile {
+                        path: shown,
+                        cause: e.to_string(),
+                    }
+                });
+            }
+            KeySource::JwksUri(u) => u.clone(),
+            KeySource::Discovery => match (&state.jwks_uri, trigger) {
+                (Some(uri), Trigger::UnknownKid) => uri.clone(),
+                _ => {
+                    let uri = self.client.discover(&self.issuer).await?;
+                    if state.jwks_uri.as_ref() != Some(&uri) {
+                        state.etag = None;
+                    }
+                    state.jwks_uri = Some(uri.clone());
+                    uri
+                }
+            },
+        };
+        // Only a load that already holds keys may be answered "not modified".
+        let etag = self.current.load().as_ref().and(state.etag.clone());
+        let (set, etag) = jwks(uri, etag).await?;
+        state.etag = etag;
+        Ok(set)
+    }
+
+    async fn load(&self, state: &mut RefreshState, trigger: Trigger) -> Result<(), FetchError> {
         if trigger == Trigger::UnknownKid {
             state.last_on_demand = Some(Instant::now());
         }
-        let result = match &self.source {
-            KeySource::Discovery => match (&state.jwks_uri, trigger) {
-                (Some(uri), Trigger::UnknownKid) => self.client.jwks(uri).await,
-                _ => self.client.discover(&self.issuer).await.map(|(uri, set)| {
-                    state.jwks_uri = Some(uri);
-                    set
-                }),
-            },
-            KeySource::JwksUri(uri) => self.client.jwks(uri).await,
-            KeySource::File(path) => match tokio::fs::read(path).await {
-                Err(e) => Err(format!("cannot read key file {}: {e}", path.display())),
-                Ok(bytes) => KeySet::from_file_bytes(&bytes)
-                    .map_err(|e| format!("key file {}: {e}", path.display())),
-            },
-        };
         let issuer = self.issuer.clone();
+        let result = self.fetch(state, trigger).await;
         match result {
-            Ok(set) => {
+            Ok(fetched) => {
+                let set = match fetched {
+                    Some(set) => set,
+                    // 304: the keys we hold are confirmed as of now.
+                    None => match self.current.load_full() {
+                        Some(old) => old.confirmed_now(),
+                        None => {
+                            return Err(FetchError::Transport {
+                                url: self.issuer.clone(),
+                                cause: "the IdP answered 304 Not Modified to a request for keys idsync does not hold".into(),
+                            });
+                        }
+                    },
+                };
                 let previous = self.current.load_full();
-                let changed = previous.as_ref().is_none_or(|old| !old.same_kids(&set));
+                let changed = previous.as_ref().is_none_or(|old| !old.same_keys(&set));
                 if changed {
                     tracing::info!(
                         issuer = %self.issuer,
@@ -175,7 +251,7 @@ impl IssuerKeys {
                 }
                 metrics::counter!("idsync_jwks_fetch_total", "issuer" => issuer, "outcome" => "ok")
                     .increment(1);
-                true
+                Ok(())
             }
             Err(error) => {
                 let kept = self.current.load_full();
@@ -189,21 +265,21 @@ impl IssuerKeys {
                 );
                 metrics::counter!("idsync_jwks_fetch_total", "issuer" => issuer, "outcome" => "error").increment(1);
                 if let Ok(mut e) = self.last_error.lock() {
-                    *e = Some(error);
+                    *e = Some(error.clone());
                 }
-                false
+                Err(error)
             }
         }
     }
 
     /// Loads keys once, now (for `idsync check` and `token inspect`); returns why it failed.
-    pub async fn load_now(&self) -> Result<Arc<KeySet>, String> {
+    pub async fn load_now(&self) -> Result<Arc<KeySet>, FetchError> {
         let mut state = self.refresh.lock().await;
-        if self.load(&mut state, Trigger::Startup).await {
-            self.usable()
-        } else {
-            Err(self.last_error().unwrap_or_else(|| "unknown error".into()))
-        }
+        self.load(&mut state, Trigger::Startup).await?;
+        self.usable().map_err(|_| FetchError::Transport {
+            url: self.issuer.clone(),
+            cause: "keys loaded but not usable".into(),
+        })
     }
 
     /// The `jwks_uri` discovery found, if discovery ran.
@@ -223,7 +299,7 @@ impl IssuerKeys {
         loop {
             let ok = {
                 let mut state = self.refresh.lock().await;
-                self.load(&mut state, trigger).await
+                self.load(&mut state, trigger).await.is_ok()
             };
             let delay = if ok {
                 trigger = Trigger::Scheduled;

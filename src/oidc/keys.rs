@@ -18,15 +18,47 @@ const RSA: &[Algorithm] = &[
 const MIN_RSA_MODULUS_B64: usize = 342;
 
 pub struct VerificationKey {
-    /// Shared with every cached verification made with this key, rather than copied into each.
     pub kid: Option<Arc<str>>,
     pub algorithms: &'static [Algorithm],
     pub key: DecodingKey,
+    /// Which key material this is, whatever its `kid`: a cached verification stays valid only while the
+    /// issuer still publishes this very key (a reused `kid` or a swapped PEM file is another key).
+    pub fingerprint: KeyFingerprint,
+}
+
+/// The first 128 bits of a SHA-256 over a key's public parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KeyFingerprint([u8; 16]);
+
+impl KeyFingerprint {
+    fn of(parts: &[&[u8]]) -> Self {
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        for p in parts {
+            // Length-prefixed, so (ab, c) and (a, bc) differ.
+            ctx.update(&(p.len() as u64).to_be_bytes());
+            ctx.update(p);
+        }
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&ctx.finish().as_ref()[..16]);
+        Self(out)
+    }
+}
+
+/// Why a document yields no key set.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeySetError {
+    #[error("not a JWKS document: {0}")]
+    NotAJwks(String),
+    #[error("no usable signature keys (skipped: {})", if .skipped.is_empty() { "none".to_owned() } else { .skipped.join("; ") })]
+    NoUsableKeys { skipped: Vec<String> },
+    #[error("{0}")]
+    Pem(String),
 }
 
 /// One issuer's keys as of one fetch.
 pub struct KeySet {
-    pub keys: Vec<VerificationKey>,
+    /// Shared between a set and its re-confirmed copies (a 304 answer keeps the same keys).
+    pub keys: Arc<[VerificationKey]>,
     /// When these keys were last confirmed by the source (a refetch that returns the same keys counts).
     pub fetched_at: Instant,
     /// Keys that were present in the document but unusable, with why; for logs and `check`.
@@ -44,16 +76,13 @@ impl std::fmt::Debug for KeySet {
 
 impl KeySet {
     /// Parses a JWKS document, keeping every signature key idsync can use and noting the rest.
-    pub fn from_jwks(doc: &serde_json::Value) -> Result<Self, String> {
+    pub fn from_jwks(doc: &serde_json::Value) -> Result<Self, KeySetError> {
         let keys = doc
             .get("keys")
             .and_then(|k| k.as_array())
-            .ok_or("JWKS has no `keys` array")?;
-        let mut set = KeySet {
-            keys: Vec::new(),
-            fetched_at: Instant::now(),
-            skipped: Vec::new(),
-        };
+            .ok_or_else(|| KeySetError::NotAJwks("no `keys` array".into()))?;
+        let mut usable = Vec::new();
+        let mut skipped = Vec::new();
         for raw in keys {
             let kid = raw
                 .get("kid")
@@ -63,33 +92,33 @@ impl KeySet {
                 .map_err(|e| e.to_string())
                 .and_then(|jwk| verification_key(&jwk))
             {
-                Ok(key) => set.keys.push(key),
-                Err(why) => set.skipped.push(format!("{kid}: {why}")),
+                Ok(key) => usable.push(key),
+                Err(why) => skipped.push(format!("{kid}: {why}")),
             }
         }
-        if set.keys.is_empty() {
-            return Err(format!(
-                "JWKS has no usable signature keys (skipped: {})",
-                if set.skipped.is_empty() {
-                    "none".into()
-                } else {
-                    set.skipped.join("; ")
-                }
-            ));
+        if usable.is_empty() {
+            return Err(KeySetError::NoUsableKeys { skipped });
         }
-        Ok(set)
+        Ok(KeySet {
+            keys: usable.into(),
+            fetched_at: Instant::now(),
+            skipped,
+        })
     }
 
     /// Parses a PEM public key (RSA, EC P-256/P-384 or Ed25519). It has no `kid`, so it matches any token.
-    pub fn from_pem(pem: &[u8]) -> Result<Self, String> {
-        let text = std::str::from_utf8(pem).map_err(|_| "PEM file is not text")?;
+    pub fn from_pem(pem: &[u8]) -> Result<Self, KeySetError> {
+        let text = std::str::from_utf8(pem)
+            .map_err(|_| KeySetError::Pem("PEM file is not text".into()))?;
         let mut keys = Vec::new();
         for block in pem_blocks(text) {
+            let fingerprint = KeyFingerprint::of(&[block.as_bytes()]);
             let key = if let Ok(k) = DecodingKey::from_rsa_pem(block.as_bytes()) {
                 VerificationKey {
                     kid: None,
                     algorithms: RSA,
                     key: k,
+                    fingerprint,
                 }
             } else if let Ok(k) = DecodingKey::from_ec_pem(block.as_bytes()) {
                 // A PEM does not say its curve cheaply; allow both ES algorithms, the curve check in
@@ -98,41 +127,59 @@ impl KeySet {
                     kid: None,
                     algorithms: &[Algorithm::ES256, Algorithm::ES384],
                     key: k,
+                    fingerprint,
                 }
             } else if let Ok(k) = DecodingKey::from_ed_pem(block.as_bytes()) {
                 VerificationKey {
                     kid: None,
                     algorithms: &[Algorithm::EdDSA],
                     key: k,
+                    fingerprint,
                 }
             } else {
-                return Err("PEM block is not an RSA, EC or Ed25519 public key".into());
+                return Err(KeySetError::Pem(
+                    "PEM block is not an RSA, EC or Ed25519 public key".into(),
+                ));
             };
             keys.push(key);
         }
         if keys.is_empty() {
-            return Err("PEM file holds no public key".into());
+            return Err(KeySetError::Pem("PEM file holds no public key".into()));
         }
         Ok(KeySet {
-            keys,
+            keys: keys.into(),
             fetched_at: Instant::now(),
             skipped: Vec::new(),
         })
     }
 
+    /// The same keys, confirmed by the source as of now.
+    pub fn confirmed_now(&self) -> Self {
+        KeySet {
+            keys: self.keys.clone(),
+            fetched_at: Instant::now(),
+            skipped: self.skipped.clone(),
+        }
+    }
+
     /// Parses a key file: PEM if it looks like one, else a JWKS document.
-    pub fn from_file_bytes(bytes: &[u8]) -> Result<Self, String> {
+    pub fn from_file_bytes(bytes: &[u8]) -> Result<Self, KeySetError> {
         if bytes.windows(10).any(|w| w == b"-----BEGIN") {
             Self::from_pem(bytes)
         } else {
             let doc: serde_json::Value = serde_json::from_slice(bytes)
-                .map_err(|e| format!("key file is neither PEM nor JSON: {e}"))?;
+                .map_err(|e| KeySetError::NotAJwks(format!("neither PEM nor JSON: {e}")))?;
             Self::from_jwks(&doc)
         }
     }
 
     pub fn kids(&self) -> Vec<&str> {
         self.keys.iter().filter_map(|k| k.kid.as_deref()).collect()
+    }
+
+    /// Whether this very key (by material, not by `kid`) is in the set.
+    pub fn has_fingerprint(&self, fingerprint: KeyFingerprint) -> bool {
+        self.keys.iter().any(|k| k.fingerprint == fingerprint)
     }
 
     pub fn has_kid(&self, kid: Option<&str>) -> bool {
@@ -161,13 +208,13 @@ impl KeySet {
         })
     }
 
-    /// Whether the same keys (by kid) are in both sets; rotation is a change of kids.
-    pub fn same_kids(&self, other: &KeySet) -> bool {
-        let mut a = self.kids();
-        let mut b = other.kids();
-        a.sort_unstable();
-        b.sort_unstable();
-        a == b && self.keys.len() == other.keys.len()
+    /// Whether both sets hold the same key material (for logging a change only when keys really change).
+    pub fn same_keys(&self, other: &KeySet) -> bool {
+        self.keys.len() == other.keys.len()
+            && self
+                .keys
+                .iter()
+                .all(|k| other.has_fingerprint(k.fingerprint))
     }
 }
 
@@ -175,20 +222,29 @@ fn verification_key(jwk: &Jwk) -> Result<VerificationKey, String> {
     if let Some(PublicKeyUse::Encryption) = jwk.common.public_key_use {
         return Err("encryption key (`use: enc`)".into());
     }
-    let family: &'static [Algorithm] = match &jwk.algorithm {
+    let (family, fingerprint): (&'static [Algorithm], _) = match &jwk.algorithm {
         AlgorithmParameters::RSA(p) => {
             if p.n.len() < MIN_RSA_MODULUS_B64 {
                 return Err("RSA key shorter than 2048 bits".into());
             }
-            RSA
+            (
+                RSA,
+                KeyFingerprint::of(&[b"RSA", p.n.as_bytes(), p.e.as_bytes()]),
+            )
         }
-        AlgorithmParameters::EllipticCurve(p) => match p.curve {
-            EllipticCurve::P256 => &[Algorithm::ES256],
-            EllipticCurve::P384 => &[Algorithm::ES384],
-            ref c => return Err(format!("unsupported curve {c:?}")),
-        },
+        AlgorithmParameters::EllipticCurve(p) => {
+            let fp = KeyFingerprint::of(&[b"EC", p.x.as_bytes(), p.y.as_bytes()]);
+            match p.curve {
+                EllipticCurve::P256 => (&[Algorithm::ES256][..], fp),
+                EllipticCurve::P384 => (&[Algorithm::ES384][..], fp),
+                ref c => return Err(format!("unsupported curve {c:?}")),
+            }
+        }
         AlgorithmParameters::OctetKeyPair(p) => match p.curve {
-            EllipticCurve::Ed25519 => &[Algorithm::EdDSA],
+            EllipticCurve::Ed25519 => (
+                &[Algorithm::EdDSA][..],
+                KeyFingerprint::of(&[b"OKP", p.x.as_bytes()]),
+            ),
             ref c => return Err(format!("unsupported curve {c:?}")),
         },
         AlgorithmParameters::OctetKey(_) => return Err("symmetric key (`kty: oct`)".into()),
@@ -216,6 +272,7 @@ fn verification_key(jwk: &Jwk) -> Result<VerificationKey, String> {
         kid: jwk.common.key_id.as_deref().map(Arc::from),
         algorithms,
         key,
+        fingerprint,
     })
 }
 

@@ -1,8 +1,9 @@
-//! Provider-agnostic token verification: route by `iss` to a configured issuer, check the signature
-//! against that issuer's cached keys, then `exp`/`nbf`/`iat`/`aud`. Knows no IdP dialect.
+//! Provider-agnostic token verification: parse a compact JWS and read its `iss`, then, against the keys of
+//! the issuer the caller chose for that `iss`, check the signature and `exp`/`nbf`/`iat`/`aud`. Knows no
+//! IdP dialect and no issuer list (the access layer's registry routes).
 //!
 //! Signatures are checked with jsonwebtoken on aws-lc-rs (about 40 us per RS256 verify here, against
-//! about 300 us for openidconnect's RustCrypto path); openidconnect does discovery and JWKS fetching.
+//! about 300 us for openidconnect's RustCrypto path); openidconnect parses the discovery document.
 //! See docs/architecture.md.
 
 mod key_cache;
@@ -10,19 +11,20 @@ mod keys;
 mod source;
 mod token;
 
-pub use key_cache::{IssuerKeys, KeyCacheOptions, Trigger};
-pub use keys::KeySet;
-pub use source::{IdpClient, KeySource};
+pub use key_cache::{IssuerKeys, KeyCacheOptions, KeysUnavailable, Trigger};
+pub use keys::{KeyFingerprint, KeySet, KeySetError};
+pub use source::{ClientError, FetchError, IdpClient, KeySource};
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-/// One trusted issuer.
-pub struct TrustedIssuer {
+/// What idsync trusts about one issuer: its exact `iss`, accepted audiences and its keys.
+pub struct IssuerTrust {
     /// The exact `iss` value tokens carry (a trailing slash matters).
-    pub issuer: String,
+    pub issuer: Arc<str>,
     /// Accepted `aud` values; empty means `aud` is not checked.
     pub audiences: Vec<String>,
     pub keys: Arc<IssuerKeys>,
@@ -35,12 +37,50 @@ pub struct VerifyOptions {
     pub max_token_bytes: usize,
 }
 
+/// Seconds since the Unix epoch: the clock every token check uses.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A token split and its header judged, with the one claim read before any signature check: `iss`,
+/// which picks the keys. Deriving `Deserialize` refuses a duplicated `iss`, so the routed and the
+/// verified issuer cannot differ.
+pub struct ParsedToken<'a> {
+    parts: token::Parts<'a>,
+    issuer: String,
+}
+
+impl<'a> ParsedToken<'a> {
+    pub fn parse(token: &'a str, max_bytes: usize) -> Result<Self, VerifyError> {
+        #[derive(Deserialize)]
+        struct Routing<'a> {
+            #[serde(borrow)]
+            iss: Option<Cow<'a, str>>,
+        }
+        let parts = token::split(token, max_bytes)?;
+        let routing: Routing<'_> = serde_json::from_slice(&parts.payload)
+            .map_err(|e| VerifyError::Malformed(format!("payload is not a JSON object: {e}")))?;
+        let issuer = routing
+            .iss
+            .ok_or_else(|| VerifyError::Malformed("token has no `iss` claim".into()))?
+            .into_owned();
+        Ok(Self { parts, issuer })
+    }
+
+    /// The unverified `iss`: only good for choosing which configured issuer's keys to try.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+}
+
 /// A token whose signature and time/audience claims checked out.
 #[derive(Debug)]
 pub struct VerifiedToken {
-    /// Index of the issuer in [`Verifier::issuers`].
-    pub issuer: usize,
-    pub kid: Option<Arc<str>>,
+    /// The key that verified it; a cached verification lives only as long as this key is published.
+    pub key: KeyFingerprint,
     pub expires_at: i64,
     pub claims: Map<String, Value>,
 }
@@ -69,164 +109,116 @@ pub enum VerifyError {
     #[error("claim `{0}` {1}")]
     InvalidClaim(&'static str, String),
     #[error("cannot verify tokens: {0}")]
-    KeysUnavailable(String),
+    KeysUnavailable(KeysUnavailable),
 }
 
-pub struct Verifier {
-    issuers: Vec<TrustedIssuer>,
-    opts: VerifyOptions,
-}
+/// Verifies `token` against `trust` (the configured issuer its `iss` named) as of `now`. May fetch keys
+/// from that issuer, never from anywhere the token names.
+pub async fn verify(
+    trust: &IssuerTrust,
+    token: &ParsedToken<'_>,
+    now: i64,
+    opts: &VerifyOptions,
+) -> Result<VerifiedToken, VerifyError> {
+    let parts = &token.parts;
+    let alg = parts.header.alg;
+    let kid = parts.header.kid.as_deref();
 
-/// The one claim read before the signature is checked: which issuer's keys to use. Deriving
-/// `Deserialize` refuses a duplicated `iss`, so the routed and the verified issuer cannot differ.
-#[derive(Deserialize)]
-struct Routing<'a> {
-    #[serde(borrow)]
-    iss: Option<Cow<'a, str>>,
-}
-
-impl Verifier {
-    pub fn new(issuers: Vec<TrustedIssuer>, opts: VerifyOptions) -> Self {
-        Self { issuers, opts }
-    }
-
-    pub fn issuers(&self) -> &[TrustedIssuer] {
-        &self.issuers
-    }
-
-    pub fn options(&self) -> VerifyOptions {
-        self.opts
-    }
-
-    /// Verifies `token` as of `now` (seconds since the epoch). May fetch keys from the token's
-    /// (configured) issuer, never from anywhere the token names.
-    pub async fn verify(&self, token: &str, now: i64) -> Result<VerifiedToken, VerifyError> {
-        let parts = token::split(token, self.opts.max_token_bytes)?;
-        let routing: Routing<'_> = serde_json::from_slice(&parts.payload)
-            .map_err(|e| VerifyError::Malformed(format!("payload is not a JSON object: {e}")))?;
-        let iss = routing
-            .iss
-            .ok_or_else(|| VerifyError::Malformed("token has no `iss` claim".into()))?;
-        let index = self
-            .issuers
-            .iter()
-            .position(|i| i.issuer == iss)
-            .ok_or(VerifyError::UnknownIssuer)?;
-        let trusted = &self.issuers[index];
-        let alg = parts.header.alg;
-        let kid = parts.header.kid.as_deref();
-
-        let mut generation = trusted.keys.generation();
-        let mut keys = match trusted.keys.usable() {
-            Ok(keys) => keys,
-            Err(_) => {
-                // No usable keys: one cooldown-limited attempt, so a recovered IdP heals on the next request.
-                trusted.keys.refetch(generation, Trigger::UnknownKid).await;
-                generation = trusted.keys.generation();
-                trusted
-                    .keys
-                    .usable()
-                    .map_err(VerifyError::KeysUnavailable)?
-            }
-        };
-        if !keys.has_kid(kid) && trusted.keys.refetch(generation, Trigger::UnknownKid).await {
-            keys = trusted
-                .keys
-                .usable()
-                .map_err(VerifyError::KeysUnavailable)?;
+    let mut generation = trust.keys.generation();
+    let mut keys = match trust.keys.usable() {
+        Ok(keys) => keys,
+        Err(_) => {
+            // No usable keys: one cooldown-limited attempt, so a recovered IdP heals on the next request.
+            trust.keys.refetch(generation, Trigger::UnknownKid).await;
+            generation = trust.keys.generation();
+            trust.keys.usable().map_err(VerifyError::KeysUnavailable)?
         }
-        let mut tried = false;
-        let mut valid = None;
-        for key in keys.candidates(kid, alg) {
-            tried = true;
-            if jsonwebtoken::crypto::verify(
-                parts.signature,
-                parts.signing_input.as_bytes(),
-                &key.key,
-                alg,
-            )
-            .unwrap_or(false)
-            {
-                valid = Some(key);
-                break;
-            }
-        }
-        if !tried {
-            return Err(if keys.has_kid(kid) {
-                VerifyError::Algorithm(format!("algorithm {alg:?} is not allowed for this key"))
-            } else {
-                VerifyError::UnknownKey
-            });
-        }
-        let Some(key) = valid else {
-            return Err(VerifyError::BadSignature);
-        };
-        // The key's own copy of the kid when it has one; a kid-less (PEM) key keeps the token's.
-        let kid = match (&key.kid, kid) {
-            (Some(shared), _) => Some(shared.clone()),
-            (None, token_kid) => token_kid.map(Arc::from),
-        };
-
-        let claims = parse_claims(&parts.payload)?;
-        let expires_at = self.check_claims(trusted, &claims, now)?;
-        Ok(VerifiedToken {
-            issuer: index,
-            kid,
-            expires_at,
-            claims,
-        })
+    };
+    if !keys.has_kid(kid) && trust.keys.refetch(generation, Trigger::UnknownKid).await {
+        keys = trust.keys.usable().map_err(VerifyError::KeysUnavailable)?;
     }
-
-    /// For a cached verification: the issuer still has usable keys and still publishes the token's key.
-    pub fn still_trusted(&self, issuer: usize, kid: Option<&str>) -> Result<(), VerifyError> {
-        let keys = self.issuers[issuer]
-            .keys
-            .usable()
-            .map_err(VerifyError::KeysUnavailable)?;
-        if keys.has_kid(kid) {
-            Ok(())
+    let mut tried = false;
+    let mut valid = None;
+    for key in keys.candidates(kid, alg) {
+        tried = true;
+        if jsonwebtoken::crypto::verify(
+            parts.signature,
+            parts.signing_input.as_bytes(),
+            &key.key,
+            alg,
+        )
+        .unwrap_or(false)
+        {
+            valid = Some(key.fingerprint);
+            break;
+        }
+    }
+    if !tried {
+        return Err(if keys.has_kid(kid) {
+            VerifyError::Algorithm(format!("algorithm {alg:?} is not allowed for this key"))
         } else {
-            Err(VerifyError::UnknownKey)
-        }
+            VerifyError::UnknownKey
+        });
     }
+    let Some(key) = valid else {
+        return Err(VerifyError::BadSignature);
+    };
+    let claims = parse_claims(&parts.payload)?;
+    let expires_at = check_claims(trust, &claims, now, opts)?;
+    Ok(VerifiedToken {
+        key,
+        expires_at,
+        claims,
+    })
+}
 
-    fn check_claims(
-        &self,
-        trusted: &TrustedIssuer,
-        claims: &Map<String, Value>,
-        now: i64,
-    ) -> Result<i64, VerifyError> {
-        let leeway = self.opts.leeway_secs;
-        let exp = numeric_date(claims, "exp")?
-            .ok_or(VerifyError::InvalidClaim("exp", "is missing".into()))?;
-        if exp <= now.saturating_sub(leeway) {
-            return Err(VerifyError::Expired);
-        }
-        if let Some(nbf) = numeric_date(claims, "nbf")?
-            && nbf > now.saturating_add(leeway)
-        {
-            return Err(VerifyError::NotYetValid);
-        }
-        if let Some(iat) = numeric_date(claims, "iat")?
-            && iat > now.saturating_add(leeway)
-        {
-            return Err(VerifyError::IssuedInFuture);
-        }
-        if !trusted.audiences.is_empty() {
-            let ok = match claims.get("aud") {
-                Some(Value::String(a)) => trusted.audiences.iter().any(|x| x == a),
-                Some(Value::Array(items)) => items
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .any(|a| trusted.audiences.iter().any(|x| x == a)),
-                _ => false,
-            };
-            if !ok {
-                return Err(VerifyError::Audience);
-            }
-        }
-        Ok(exp)
+/// For a cached verification: the issuer still has usable keys and still publishes the very key that
+/// verified the token.
+pub fn still_trusted(trust: &IssuerTrust, key: KeyFingerprint) -> Result<(), VerifyError> {
+    let keys = trust.keys.usable().map_err(VerifyError::KeysUnavailable)?;
+    if keys.has_fingerprint(key) {
+        Ok(())
+    } else {
+        Err(VerifyError::UnknownKey)
     }
+}
+
+fn check_claims(
+    trust: &IssuerTrust,
+    claims: &Map<String, Value>,
+    now: i64,
+    opts: &VerifyOptions,
+) -> Result<i64, VerifyError> {
+    let leeway = opts.leeway_secs;
+    let exp = numeric_date(claims, "exp")?
+        .ok_or(VerifyError::InvalidClaim("exp", "is missing".into()))?;
+    if exp <= now.saturating_sub(leeway) {
+        return Err(VerifyError::Expired);
+    }
+    if let Some(nbf) = numeric_date(claims, "nbf")?
+        && nbf > now.saturating_add(leeway)
+    {
+        return Err(VerifyError::NotYetValid);
+    }
+    if let Some(iat) = numeric_date(claims, "iat")?
+        && iat > now.saturating_add(leeway)
+    {
+        return Err(VerifyError::IssuedInFuture);
+    }
+    if !trust.audiences.is_empty() {
+        let ok = match claims.get("aud") {
+            Some(Value::String(a)) => trust.audiences.iter().any(|x| x == a),
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(Value::as_str)
+                .any(|a| trust.audiences.iter().any(|x| x == a)),
+            _ => false,
+        };
+        if !ok {
+            return Err(VerifyError::Audience);
+        }
+    }
+    Ok(exp)
 }
 
 /// Latest representable NumericDate idsync accepts (9999-12-31); beyond it a value is garbage, not a date.

@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::time::Duration;
 
 pub struct LastSeen {
-    interval_secs: i64,
+    /// Milliseconds: whole seconds would let two requests a few milliseconds apart, on either side of a
+    /// second boundary, count as an interval of one second.
+    interval_ms: i64,
     pending: Mutex<HashMap<String, DateTime<Utc>>>,
 }
 
@@ -25,14 +27,14 @@ pub struct Stamp(AtomicI64);
 
 impl Stamp {
     pub fn written_at(now: DateTime<Utc>) -> Self {
-        Self(AtomicI64::new(now.timestamp()))
+        Self(AtomicI64::new(now.timestamp_millis()))
     }
 }
 
 impl LastSeen {
     pub fn new(interval: Duration) -> Self {
         Self {
-            interval_secs: interval.as_secs() as i64,
+            interval_ms: interval.as_millis() as i64,
             pending: Mutex::new(HashMap::new()),
         }
     }
@@ -40,11 +42,11 @@ impl LastSeen {
     /// A request by `user` happened now; queue a write if none was made within the interval. Of several
     /// concurrent requests, only the one that moves the stamp queues.
     pub fn touch(&self, stamp: &Stamp, user: &str, now: DateTime<Utc>) {
-        let (then, now_secs) = (stamp.0.load(Relaxed), now.timestamp());
-        if now_secs - then < self.interval_secs
+        let (then, now_ms) = (stamp.0.load(Relaxed), now.timestamp_millis());
+        if now_ms - then < self.interval_ms
             || stamp
                 .0
-                .compare_exchange(then, now_secs, Relaxed, Relaxed)
+                .compare_exchange(then, now_ms, Relaxed, Relaxed)
                 .is_err()
         {
             return;
@@ -92,5 +94,29 @@ impl LastSeen {
                 Err(e)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn requests_either_side_of_a_second_boundary_do_not_make_an_interval() {
+        let seen = LastSeen::new(Duration::from_secs(1));
+        let at = |ms| Utc.timestamp_millis_opt(ms).unwrap();
+        let stamp = Stamp::written_at(at(10_990));
+        seen.touch(&stamp, "u", at(11_010));
+        assert!(
+            seen.pending.lock().unwrap().is_empty(),
+            "20 ms is not a second"
+        );
+        seen.touch(&stamp, "u", at(11_990));
+        assert_eq!(
+            seen.pending.lock().unwrap().len(),
+            1,
+            "a whole second later it is"
+        );
     }
 }

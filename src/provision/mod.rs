@@ -1,52 +1,30 @@
-//! Identity -> rows. Resolves the active tenant under the tenant policy, then upserts the organization,
-//! user and membership in one transaction (see `store`). A moka cache keyed by (issuer, user, tenant)
-//! remembers a fingerprint of what was synced, so an unchanged identity costs no database work at all.
-//! Never sees HTTP.
+//! Identity -> rows. Applies an access decision (the tenant and how its role is decided) by upserting the
+//! organization, user and membership in one transaction (see `store`). A moka cache keyed by (issuer,
+//! user, tenant) remembers a fingerprint of what was synced, so an unchanged identity costs no database
+//! work at all. Never sees HTTP and decides no policy of its own.
 
+pub mod audit;
 mod last_seen;
 pub mod naming;
 pub mod store;
 
-use crate::directory::Affected;
-use crate::identity::{Identity, RoleMap};
+use crate::identity::{Identity, RolePlan, RoleSource, StoredMembership};
+use audit::{AuditKind, Event};
 use chrono::{DateTime, SubsecRound, Utc};
 use entity::memberships;
 use last_seen::{LastSeen, Stamp};
+use moka::Expiry;
 use moka::future::Cache;
 use sea_orm::{DatabaseConnection, DbErr, EntityTrait};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
-use std::time::Duration;
-use store::{Refusal, StoreError, SyncRequest, TenantTarget};
+use std::time::{Duration, Instant};
+use store::{StoreError, SyncRequest};
 
-/// What to do with a user token that names no tenant.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum MissingTenant {
-    /// 403 `missing_tenant_claim`.
-    Reject,
-    /// One organization per user, keyed from issuer and `sub`, with the user as its strongest role.
-    Personal,
-    /// Join this organization.
-    Default(String),
-}
-
-impl MissingTenant {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        match s {
-            "reject" => Ok(Self::Reject),
-            "personal" => Ok(Self::Personal),
-            other => match other.strip_prefix("default=") {
-                Some(id) if !id.is_empty() => Ok(Self::Default(id.to_owned())),
-                _ => Err(format!("`{s}` is not reject, personal or default=ID")),
-            },
-        }
-    }
-}
+pub use store::{Refusal, TenantTarget};
 
 #[derive(Clone, Debug)]
 pub struct SyncOptions {
-    pub roles: RoleMap,
-    pub missing_tenant: MissingTenant,
     /// `--tenant-schema` template, PostgreSQL only.
     pub tenant_schema: Option<String>,
     pub cache_size: u64,
@@ -56,7 +34,25 @@ pub struct SyncOptions {
     pub last_seen_interval: Duration,
 }
 
-/// The synced view of a caller, what the upstream is told.
+/// How long "no active membership there" is remembered: short, so a membership an operator just made
+/// works within seconds on every replica, long enough that a client repeating a refused tenant costs
+/// no query per request.
+const NEGATIVE_MEMBERSHIP_TTL: Duration = Duration::from_secs(5);
+/// At most one `access_denied` event per (user, tenant, reason) in this window, per replica.
+const REFUSAL_AUDIT_WINDOW: Duration = Duration::from_secs(60);
+
+/// What one request's sync must achieve: the access decision, as data.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SyncPlan {
+    /// The organization the request acts in, if any.
+    pub tenant: Option<TenantTarget>,
+    /// How the membership's role is decided; `None` when there is no user or no tenant.
+    pub role: Option<RolePlan>,
+    /// Whether the token's own roles speak for this tenant (and so may be forwarded as `X-User-Roles`).
+    pub idp_roles_apply: bool,
+}
+
+/// What the upstream is told about a caller: from the synced rows, or (pass mode) from the decision alone.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Provisioned {
     pub user_id: Option<String>,
@@ -68,22 +64,15 @@ pub struct Provisioned {
     pub tenant_schema: Option<String>,
     /// The app role in the active tenant.
     pub role: Option<String>,
+    pub idp_roles_apply: bool,
+    /// `false` when the database was skipped (`--on-db-error pass`).
+    pub synced: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
-    #[error("the requested tenant is not one the token allows or the user belongs to")]
-    TenantNotPermitted,
-    #[error("{0}")]
-    MissingTenant(String),
-    #[error("identity conflict: {0}")]
-    IdentityConflict(String),
-    #[error("the user is deactivated")]
-    UserInactive,
-    #[error("the tenant is deactivated")]
-    TenantInactive,
-    #[error("the user's membership in this tenant is deactivated")]
-    MembershipInactive,
+    #[error("refused: {0:?}")]
+    Refused(Refusal),
     #[error("{0}")]
     Naming(String),
     #[error("database: {0}")]
@@ -93,12 +82,27 @@ pub enum ProvisionError {
 impl From<StoreError> for ProvisionError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Refused(Refusal::IdentityConflict(what)) => Self::IdentityConflict(what),
-            StoreError::Refused(Refusal::UserInactive) => Self::UserInactive,
-            StoreError::Refused(Refusal::TenantInactive) => Self::TenantInactive,
-            StoreError::Refused(Refusal::MembershipInactive) => Self::MembershipInactive,
+            StoreError::Refused(r) => Self::Refused(r),
             StoreError::Naming(n) => Self::Naming(n),
             StoreError::Db(e) => Self::Database(e),
+        }
+    }
+}
+
+/// What an operator's (or a webhook's) change touched, so caches can drop what they hold about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Affected {
+    User(String),
+    Organization(String),
+    Membership(String, String),
+}
+
+impl Affected {
+    fn covers(&self, user: Option<&str>, tenant: Option<&str>) -> bool {
+        match self {
+            Self::User(u) => user == Some(u.as_str()),
+            Self::Organization(o) => tenant == Some(o.as_str()),
+            Self::Membership(u, o) => user == Some(u.as_str()) && tenant == Some(o.as_str()),
         }
     }
 }
@@ -111,12 +115,32 @@ struct Cached {
     last_login: Stamp,
 }
 
+/// A membership lookup's answer, remembered with the ids it is about (for invalidation).
+struct Membership {
+    user: String,
+    tenant: String,
+    stored: Option<StoredMembership>,
+}
+
+/// Positive answers live as long as synced identities; negative ones only briefly.
+struct MembershipExpiry(Duration);
+
+impl Expiry<Key, Arc<Membership>> for MembershipExpiry {
+    fn expire_after_create(&self, _: &Key, v: &Arc<Membership>, _: Instant) -> Option<Duration> {
+        Some(match &v.stored {
+            Some(m) if m.is_active => self.0,
+            _ => NEGATIVE_MEMBERSHIP_TTL,
+        })
+    }
+}
+
 pub struct Provisioner {
     db: DatabaseConnection,
     opts: SyncOptions,
     synced: Cache<Key, Arc<Cached>>,
-    /// Positive answers to "does this user have an active membership in that tenant?" (value: user, tenant).
-    members: Cache<Key, (String, String)>,
+    members: Cache<Key, Arc<Membership>>,
+    /// Refusals recently audited (value: user, tenant), so a client repeating one cannot flood the table.
+    refusals: Cache<Key, (String, String)>,
     last_seen: LastSeen,
     /// SQLite has one writer at a time: sync transactions queue here, in order, instead of polling in
     /// SQLite's busy handler (whose back-off made tail latency seconds long under concurrent first requests).
@@ -132,7 +156,12 @@ impl Provisioner {
             .build();
         let members = Cache::builder()
             .max_capacity(opts.cache_size)
-            .time_to_live(opts.cache_ttl)
+            .expire_after(MembershipExpiry(opts.cache_ttl))
+            .support_invalidation_closures()
+            .build();
+        let refusals = Cache::builder()
+            .max_capacity(opts.cache_size)
+            .time_to_live(REFUSAL_AUDIT_WINDOW)
             .support_invalidation_closures()
             .build();
         let last_seen = LastSeen::new(opts.last_seen_interval);
@@ -143,6 +172,7 @@ impl Provisioner {
             opts,
             synced,
             members,
+            refusals,
             last_seen,
             sqlite_writer,
         }
@@ -152,58 +182,65 @@ impl Provisioner {
         &self.db
     }
 
-    /// Makes sure the rows for this identity exist and are current, and returns what to forward.
-    /// `requested` is the tenant the client asked for (a request, not a fact).
+    /// Makes sure the rows for this identity and decision exist and are current, and returns what to
+    /// forward.
     pub async fn sync(
         &self,
         identity: &Identity,
-        requested: Option<&str>,
+        plan: &SyncPlan,
     ) -> Result<Arc<Provisioned>, ProvisionError> {
         let now = Utc::now().trunc_subsecs(6);
-        let subject = identity.subject.as_ref().map(|s| s.as_str());
-        let tenant = self.resolve_tenant(identity, requested, now).await?;
-        let role = match (&tenant, subject) {
-            (Some((_, personal)), Some(_)) if *personal => Some(self.opts.roles.strongest()),
-            (Some(_), Some(_)) => Some(self.opts.roles.app_role(&identity.roles)),
-            _ => None,
-        };
-        let tenant_id = tenant.as_ref().map(|(t, _)| t.id.as_str());
-        let cache_key = naming::digest_parts(&[
-            &identity.issuer,
-            subject.unwrap_or(""),
-            tenant_id.unwrap_or(""),
-        ]);
-        let fingerprint = fingerprint(identity, tenant.as_ref().map(|(t, _)| t), role);
-
-        if let Some(hit) = self.synced.get(&cache_key).await
-            && hit.fingerprint == fingerprint
-        {
-            metrics::counter!("idsync_sync_total", "outcome" => "cached").increment(1);
-            if let Some(user) = subject {
-                self.last_seen.touch(&hit.last_login, user, now);
-            }
-            return Ok(hit.provisioned.clone());
+        let (cache_key, fingerprint) = cache_key(identity, plan);
+        if let Some(hit) = self.hit(identity, &cache_key, fingerprint, now).await {
+            return Ok(hit);
         }
-
         // Boxed: the database path's future is many kilobytes, and keeping it inline would make every
         // warm request's future (moved and copied by the HTTP stack) that large too.
-        Box::pin(self.sync_uncached(identity, tenant, role, cache_key, fingerprint, now)).await
+        Box::pin(self.sync_uncached(identity, plan, cache_key, fingerprint, now)).await
+    }
+
+    /// What an earlier sync of this identity and decision gave, without touching the database.
+    pub async fn cached(&self, identity: &Identity, plan: &SyncPlan) -> Option<Arc<Provisioned>> {
+        let (cache_key, fingerprint) = cache_key(identity, plan);
+        self.hit(
+            identity,
+            &cache_key,
+            fingerprint,
+            Utc::now().trunc_subsecs(6),
+        )
+        .await
+    }
+
+    async fn hit(
+        &self,
+        identity: &Identity,
+        cache_key: &Key,
+        fingerprint: u64,
+        now: DateTime<Utc>,
+    ) -> Option<Arc<Provisioned>> {
+        let hit = self.synced.get(cache_key).await?;
+        if hit.fingerprint != fingerprint {
+            return None;
+        }
+        metrics::counter!("idsync_sync_total", "outcome" => "cached").increment(1);
+        if let Some(user) = &identity.subject {
+            self.last_seen.touch(&hit.last_login, user.as_str(), now);
+        }
+        Some(hit.provisioned.clone())
     }
 
     async fn sync_uncached(
         &self,
         identity: &Identity,
-        tenant: Option<(TenantTarget, bool)>,
-        role: Option<&str>,
+        plan: &SyncPlan,
         cache_key: Key,
         fingerprint: u64,
         now: DateTime<Utc>,
     ) -> Result<Arc<Provisioned>, ProvisionError> {
-        let target = tenant.as_ref().map(|(t, _)| t);
         let request = SyncRequest {
             identity,
-            tenant: target,
-            role,
+            tenant: plan.tenant.as_ref(),
+            role: plan.role.as_ref(),
             tenant_schema: self.opts.tenant_schema.as_deref(),
             now,
         };
@@ -229,6 +266,8 @@ impl Provisioner {
             tenant_slug: outcome.organization.as_ref().map(|o| o.slug.clone()),
             tenant_schema: outcome.schema,
             role: outcome.membership.as_ref().map(|m| m.role.clone()),
+            idp_roles_apply: plan.idp_roles_apply,
+            synced: true,
         });
         self.synced
             .insert(
@@ -244,99 +283,71 @@ impl Provisioner {
         Ok(provisioned)
     }
 
-    /// The active tenant: the token's, or the requested one if the token lists it or the user already has
-    /// an active membership there; else the missing-tenant policy. The flag says "personal organization".
-    async fn resolve_tenant(
+    /// The user's membership in `tenant` as stored (remembered for the sync-cache TTL when active, for a
+    /// few seconds when absent or inactive).
+    pub async fn membership(
         &self,
-        identity: &Identity,
-        requested: Option<&str>,
-        now: DateTime<Utc>,
-    ) -> Result<Option<(TenantTarget, bool)>, ProvisionError> {
-        let subject = identity.subject.as_ref().map(|s| s.as_str());
-        let target = |id: &str| TenantTarget {
-            id: id.to_owned(),
-            name: identity.tenant_name(id).unwrap_or(id).to_owned(),
-        };
-        if let Some(wanted) = requested {
-            if identity.allows_tenant(wanted) {
-                return Ok(Some((target(wanted), false)));
-            }
-            if let Some(user) = subject
-                && Box::pin(self.has_active_membership(&identity.issuer, user, wanted)).await?
-            {
-                return Ok(Some((target(wanted), false)));
-            }
-            Box::pin(store::record(
-                &self.db,
-                store::event(
-                    "access_denied",
-                    Some(&identity.issuer),
-                    subject,
-                    Some(wanted),
-                    store::ACTOR,
-                    serde_json::json!({"reason": "tenant_not_permitted"}),
-                    now,
-                ),
-            ))
-            .await?;
-            return Err(ProvisionError::TenantNotPermitted);
-        }
-        if let Some(t) = &identity.tenant {
-            return Ok(Some((target(t.as_str()), false)));
-        }
-        let Some(user) = subject else { return Ok(None) };
-        match &self.opts.missing_tenant {
-            MissingTenant::Reject => Err(ProvisionError::MissingTenant(format!(
-                "token has no tenant: looked for {}; set --tenant-claim or --missing-tenant",
-                identity
-                    .tenant_sources
-                    .iter()
-                    .map(|s| format!("`{s}`"))
-                    .collect::<Vec<_>>()
-                    .join(" and ")
-            ))),
-            MissingTenant::Personal => {
-                let id = format!(
-                    "personal-{}",
-                    naming::short_hash(&[&identity.issuer, user], 24)
-                );
-                let owner = identity
-                    .username
-                    .as_deref()
-                    .or(identity.email.as_deref())
-                    .unwrap_or(user);
-                Ok(Some((
-                    TenantTarget {
-                        id,
-                        name: format!("Personal ({owner})"),
-                    },
-                    true,
-                )))
-            }
-            MissingTenant::Default(id) => Ok(Some((target(id), false))),
-        }
-    }
-
-    async fn has_active_membership(
-        &self,
-        issuer: &str,
         user: &str,
         tenant: &str,
-    ) -> Result<bool, DbErr> {
-        let k = naming::digest_parts(&[issuer, user, tenant, "member"]);
-        if self.members.contains_key(&k) {
-            return Ok(true);
+    ) -> Result<Option<StoredMembership>, DbErr> {
+        let key = naming::digest_parts(&[user, tenant, "membership"]);
+        if let Some(hit) = self.members.get(&key).await {
+            return Ok(hit.stored.clone());
         }
-        let found = memberships::Entity::find_by_id((user.to_owned(), tenant.to_owned()))
-            .one(&self.db)
-            .await?
-            .is_some_and(|m| m.is_active);
-        if found {
-            self.members
-                .insert(k, (user.to_owned(), tenant.to_owned()))
-                .await;
+        let stored = Box::pin(
+            memberships::Entity::find_by_id((user.to_owned(), tenant.to_owned())).one(&self.db),
+        )
+        .await?
+        .map(|m| stored_membership(&m));
+        self.members
+            .insert(
+                key,
+                Arc::new(Membership {
+                    user: user.to_owned(),
+                    tenant: tenant.to_owned(),
+                    stored: stored.clone(),
+                }),
+            )
+            .await;
+        Ok(stored)
+    }
+
+    /// Records that `identity` was refused `tenant` for `reason`, at most once per minute per (user,
+    /// tenant, reason) on this replica: a client repeating a refused request cannot flood the audit table.
+    pub async fn record_refusal(
+        &self,
+        identity: &Identity,
+        tenant: Option<&str>,
+        reason: &'static str,
+    ) -> Result<(), DbErr> {
+        let user = identity.subject.as_ref().map(|s| s.as_str()).unwrap_or("");
+        let key = naming::digest_parts(&[&identity.issuer, user, tenant.unwrap_or(""), reason]);
+        let entry = self
+            .refusals
+            .entry(key)
+            .or_insert_with(async { (user.to_owned(), tenant.unwrap_or("").to_owned()) })
+            .await;
+        if !entry.is_fresh() {
+            return Ok(());
         }
-        Ok(found)
+        let recorded = audit::record(
+            &self.db,
+            vec![Event {
+                kind: AuditKind::AccessDenied,
+                issuer: Some(&identity.issuer),
+                user: identity.subject.as_ref().map(|s| s.as_str()),
+                organization: tenant,
+                actor: audit::ACTOR,
+                details: serde_json::json!({"reason": reason}),
+                at: Utc::now(),
+            }],
+        )
+        .await;
+        if recorded.is_err() {
+            // Not recorded: let the next refusal try again.
+            self.refusals.invalidate(&key).await;
+        }
+        recorded
     }
 
     /// Forgets what was synced for an affected user, organization or membership, so the next request
@@ -346,13 +357,17 @@ impl Provisioner {
         self.synced
             .invalidate_entries_if(move |_, v| {
                 let p = &v.provisioned;
-                invalidates(&a, p.user_id.as_deref(), p.tenant_id.as_deref())
+                a.covers(p.user_id.as_deref(), p.tenant_id.as_deref())
             })
             .expect("the sync cache is built with invalidation closures");
         let a = affected.clone();
         self.members
-            .invalidate_entries_if(move |_, (u, t)| invalidates(&a, Some(u), Some(t)))
+            .invalidate_entries_if(move |_, m| a.covers(Some(&m.user), Some(&m.tenant)))
             .expect("the membership cache is built with invalidation closures");
+        let a = affected.clone();
+        self.refusals
+            .invalidate_entries_if(move |_, (u, t)| a.covers(Some(u), Some(t)))
+            .expect("the refusal cache is built with invalidation closures");
     }
 
     /// Writes pending last-login times (called periodically and at shutdown).
@@ -371,16 +386,27 @@ impl Provisioner {
     }
 }
 
-fn invalidates(affected: &Affected, user: Option<&str>, tenant: Option<&str>) -> bool {
-    match affected {
-        Affected::User(u) => user == Some(u.as_str()),
-        Affected::Organization(o) => tenant == Some(o.as_str()),
-        Affected::Membership(u, o) => user == Some(u.as_str()) && tenant == Some(o.as_str()),
+pub fn stored_membership(m: &memberships::Model) -> StoredMembership {
+    StoredMembership {
+        role: m.role.clone(),
+        // An unknown value (a newer idsync wrote it) is treated as an operator's: never overwritten.
+        source: RoleSource::parse(&m.role_source).unwrap_or(RoleSource::Operator),
+        is_active: m.is_active,
     }
 }
 
-/// What the cache compares: every synced field the token supplies, plus the resolved tenant and role.
-fn fingerprint(identity: &Identity, tenant: Option<&TenantTarget>, role: Option<&str>) -> u64 {
+/// The sync cache's key, (issuer, user, tenant), and the fingerprint its entry must match.
+fn cache_key(identity: &Identity, plan: &SyncPlan) -> (Key, u64) {
+    let key = naming::digest_parts(&[
+        &identity.issuer,
+        identity.subject.as_ref().map_or("", |s| s.as_str()),
+        plan.tenant.as_ref().map_or("", |t| t.id.as_str()),
+    ]);
+    (key, fingerprint(identity, plan))
+}
+
+/// What the cache compares: every synced field the token supplies, plus the access decision.
+fn fingerprint(identity: &Identity, plan: &SyncPlan) -> u64 {
     let mut h = DefaultHasher::new();
     identity.email.hash(&mut h);
     identity.email_verified.hash(&mut h);
@@ -390,7 +416,6 @@ fn fingerprint(identity: &Identity, tenant: Option<&TenantTarget>, role: Option<
     identity.family_name.hash(&mut h);
     identity.avatar_url.hash(&mut h);
     identity.roles.hash(&mut h);
-    tenant.map(|t| (&t.id, &t.name)).hash(&mut h);
-    role.hash(&mut h);
+    plan.hash(&mut h);
     h.finish()
 }

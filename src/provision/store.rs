@@ -4,15 +4,16 @@
 //! many replicas race. One read of the three rows by primary key, before the writes, refuses deactivated or
 //! foreign rows without writing anything and gives audit diffs their "from" side.
 
+use super::audit::{self, ACTOR, AuditKind, Event};
 use super::naming;
-use crate::identity::Identity;
+use crate::identity::{Identity, RolePlan, RoleSource};
 use chrono::{DateTime, Utc};
-use entity::{audit_events, memberships, organizations, users};
+use entity::{memberships, organizations, users};
 use sea_orm::sea_query::{Alias, Expr, ExprTrait, OnConflict, Query, SelectStatement};
 use sea_orm::{
-    ActiveValue::{NotSet, Set},
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, FromQueryResult,
-    IdenStatic, Iterable, QueryResult, SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait,
+    FromQueryResult, IdenStatic, Iterable, QueryResult, SqliteTransactionMode, TransactionOptions,
+    TransactionTrait,
 };
 use serde_json::{Value, json};
 
@@ -25,11 +26,8 @@ pub fn write_transaction() -> TransactionOptions {
     }
 }
 
-/// Who sync writes audit events as.
-pub const ACTOR: &str = "idsync";
-
 /// The organization a request acts in.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TenantTarget {
     pub id: String,
     pub name: String,
@@ -38,8 +36,8 @@ pub struct TenantTarget {
 pub struct SyncRequest<'a> {
     pub identity: &'a Identity,
     pub tenant: Option<&'a TenantTarget>,
-    /// The app role for the membership.
-    pub role: Option<&'a str>,
+    /// How the membership's role is decided.
+    pub role: Option<&'a RolePlan>,
     /// `--tenant-schema` template (PostgreSQL only).
     pub tenant_schema: Option<&'a str>,
     /// This transaction's time, truncated to microseconds (what PostgreSQL stores).
@@ -73,32 +71,6 @@ pub enum StoreError {
     Db(#[from] DbErr),
 }
 
-pub fn event(
-    kind: &str,
-    issuer: Option<&str>,
-    user: Option<&str>,
-    org: Option<&str>,
-    actor: &str,
-    details: Value,
-    now: DateTime<Utc>,
-) -> audit_events::ActiveModel {
-    audit_events::ActiveModel {
-        id: NotSet,
-        occurred_at: Set(now),
-        kind: Set(kind.to_owned()),
-        user_id: Set(user.map(str::to_owned)),
-        organization_id: Set(org.map(str::to_owned)),
-        issuer: Set(issuer.map(str::to_owned)),
-        actor: Set(actor.to_owned()),
-        details: Set(details),
-    }
-}
-
-/// Records an event on its own (refusals, which change nothing else).
-pub async fn record(db: &impl ConnectionTrait, e: audit_events::ActiveModel) -> Result<(), DbErr> {
-    audit_events::Entity::insert(e).exec(db).await.map(|_| ())
-}
-
 pub async fn sync(
     db: &DatabaseConnection,
     req: &SyncRequest<'_>,
@@ -106,9 +78,7 @@ pub async fn sync(
     let txn = db.begin_with_options(write_transaction()).await?;
     match sync_in(&txn, req).await {
         Ok((outcome, events)) => {
-            if !events.is_empty() {
-                audit_events::Entity::insert_many(events).exec(&txn).await?;
-            }
+            audit::record(&txn, events).await?;
             txn.commit().await?;
             Ok(outcome)
         }
@@ -116,24 +86,32 @@ pub async fn sync(
             txn.rollback().await?;
             let id = req.identity;
             let (kind, details) = match &refusal {
-                Refusal::IdentityConflict(what) => ("identity_conflict", json!({"reason": what})),
-                Refusal::UserInactive => ("access_denied", json!({"reason": "user_inactive"})),
-                Refusal::TenantInactive => ("access_denied", json!({"reason": "tenant_inactive"})),
-                Refusal::MembershipInactive => {
-                    ("access_denied", json!({"reason": "membership_inactive"}))
+                Refusal::IdentityConflict(what) => {
+                    (AuditKind::IdentityConflict, json!({"reason": what}))
                 }
-            };
-            record(
-                db,
-                event(
-                    kind,
-                    Some(&id.issuer),
-                    id.subject.as_ref().map(|s| s.as_str()),
-                    req.tenant.map(|t| t.id.as_str()),
-                    ACTOR,
-                    details,
-                    req.now,
+                Refusal::UserInactive => {
+                    (AuditKind::AccessDenied, json!({"reason": "user_inactive"}))
+                }
+                Refusal::TenantInactive => (
+                    AuditKind::AccessDenied,
+                    json!({"reason": "tenant_inactive"}),
                 ),
+                Refusal::MembershipInactive => (
+                    AuditKind::AccessDenied,
+                    json!({"reason": "membership_inactive"}),
+                ),
+            };
+            audit::record(
+                db,
+                vec![Event {
+                    kind,
+                    issuer: Some(&id.issuer),
+                    user: id.subject.as_ref().map(|s| s.as_str()),
+                    organization: req.tenant.map(|t| t.id.as_str()),
+                    actor: ACTOR,
+                    details,
+                    at: req.now,
+                }],
             )
             .await?;
             Err(StoreError::Refused(refusal))
@@ -145,27 +123,23 @@ pub async fn sync(
     }
 }
 
-type Events = Vec<audit_events::ActiveModel>;
-
-async fn sync_in(
+async fn sync_in<'r>(
     txn: &impl ConnectionTrait,
-    req: &SyncRequest<'_>,
-) -> Result<(SyncOutcome, Events), StoreError> {
+    req: &'r SyncRequest<'_>,
+) -> Result<(SyncOutcome, Vec<Event<'r>>), StoreError> {
     let identity = req.identity;
     let issuer: &str = &identity.issuer;
     let subject = identity.subject.as_ref().map(|s| s.as_str());
     let tenant_id = req.tenant.map(|t| t.id.as_str());
     let mut events = Vec::new();
-    let ev = |kind: &str, details: Value| {
-        event(
-            kind,
-            Some(issuer),
-            subject,
-            tenant_id,
-            ACTOR,
-            details,
-            req.now,
-        )
+    let ev = |kind: AuditKind, details: Value| Event {
+        kind,
+        issuer: Some(issuer),
+        user: subject,
+        organization: tenant_id,
+        actor: ACTOR,
+        details,
+        at: req.now,
     };
 
     // Refuse before writing: a foreign or deactivated row stops the request with nothing changed.
@@ -199,7 +173,7 @@ async fn sync_in(
             let (org, created) = insert_organization(txn, target, issuer, req.now).await?;
             if created {
                 events.push(ev(
-                    "organization_created",
+                    AuditKind::OrganizationCreated,
                     json!({"name": org.name, "slug": org.slug}),
                 ));
                 if let Some(template) = req.tenant_schema {
@@ -227,33 +201,41 @@ async fn sync_in(
             }
             if after.created_at == req.now {
                 events.push(ev(
-                    "user_created",
+                    AuditKind::UserCreated,
                     json!({"email": after.email, "name": after.name}),
                 ));
             } else if after.updated_at == req.now {
                 let changes = profile_changes(user_before.as_ref(), &after);
-                events.push(ev("profile_updated", json!({"changes": changes})));
+                events.push(ev(AuditKind::ProfileUpdated, json!({"changes": changes})));
             }
             Some(after)
         }
     };
 
     let membership = match (subject, &organization, req.role) {
-        (Some(user_id), Some(org), Some(role)) => {
-            let after =
-                upsert_membership(txn, user_id, &org.id, role, &identity.roles, req.now).await?;
+        (Some(user_id), Some(org), Some(plan)) => {
+            let stored = membership_before.as_ref().map(super::stored_membership);
+            let write = MembershipWrite {
+                user_id,
+                org_id: &org.id,
+                role: plan.resolve(stored.as_ref()),
+                // Only a token that speaks for this tenant may set its role (and its IdP roles).
+                idp_roles: plan.from_idp.is_some().then_some(identity.roles.as_slice()),
+                now: req.now,
+            };
+            let after = upsert_membership(txn, &write).await?;
             if !after.is_active {
                 return Err(StoreError::Refused(Refusal::MembershipInactive));
             }
             if after.created_at == req.now {
                 events.push(ev(
-                    "membership_created",
-                    json!({"role": after.role, "idp_roles": after.idp_roles}),
+                    AuditKind::MembershipCreated,
+                    json!({"role": after.role, "role_source": after.role_source, "idp_roles": after.idp_roles}),
                 ));
             } else if let Some(before) = membership_before.as_ref().filter(|b| b.role != after.role)
             {
                 events.push(ev(
-                    "role_changed",
+                    AuditKind::RoleChanged,
                     json!({"from": before.role, "to": after.role, "idp_roles": after.idp_roles}),
                 ));
             }
@@ -490,38 +472,56 @@ async fn upsert_user(
         .await
 }
 
-/// The membership follows the IdP's roles only when they change, so a role an operator set by hand stays
-/// until the IdP says something new; `is_active` is never touched (sync never re-activates).
+struct MembershipWrite<'a> {
+    user_id: &'a str,
+    org_id: &'a str,
+    /// The role the decision gives, as of the row read before this write.
+    role: &'a str,
+    /// The token's IdP roles when the token speaks for this tenant; `None` when it does not.
+    idp_roles: Option<&'a [String]>,
+    now: DateTime<Utc>,
+}
+
+/// Inserts the membership, or updates it as the decision allows. Provenance is enforced in the statement
+/// itself (`role_source = 'idp'`), so an operator's concurrent change is never overwritten; a token that
+/// does not speak for the tenant leaves an existing row exactly as it is. `is_active` is never touched
+/// (sync never re-activates).
 async fn upsert_membership(
     txn: &impl ConnectionTrait,
-    user_id: &str,
-    org_id: &str,
-    role: &str,
-    idp_roles: &[String],
-    now: DateTime<Utc>,
+    w: &MembershipWrite<'_>,
 ) -> Result<memberships::Model, DbErr> {
-    let changed = r#""memberships"."idp_roles" IS DISTINCT FROM "excluded"."idp_roles""#;
-    let sets = [
-        (
-            "role",
-            format!(r#"CASE WHEN {changed} THEN "excluded"."role" ELSE "memberships"."role" END"#),
-        ),
-        (
-            "updated_at",
-            format!(
-                r#"CASE WHEN {changed} THEN "excluded"."updated_at" ELSE "memberships"."updated_at" END"#
-            ),
-        ),
-        ("idp_roles", r#""excluded"."idp_roles""#.to_owned()),
-    ];
+    let sets: Vec<(&str, String)> = match w.idp_roles {
+        Some(_) => {
+            let idp_owned = r#""memberships"."role_source" = 'idp'"#;
+            let role = format!(
+                r#"CASE WHEN {idp_owned} THEN "excluded"."role" ELSE "memberships"."role" END"#
+            );
+            let changed = format!(
+                r#"("memberships"."role" IS DISTINCT FROM {role}) OR ("memberships"."idp_roles" IS DISTINCT FROM "excluded"."idp_roles")"#
+            );
+            vec![
+                ("role", role),
+                (
+                    "updated_at",
+                    format!(
+                        r#"CASE WHEN {changed} THEN "excluded"."updated_at" ELSE "memberships"."updated_at" END"#
+                    ),
+                ),
+                ("idp_roles", r#""excluded"."idp_roles""#.to_owned()),
+            ]
+        }
+        // A no-op update rather than DO NOTHING, so RETURNING gives the existing row on both databases.
+        None => vec![("role", r#""memberships"."role""#.to_owned())],
+    };
     let row = memberships::ActiveModel {
-        user_id: Set(user_id.to_owned()),
-        organization_id: Set(org_id.to_owned()),
-        role: Set(role.to_owned()),
-        idp_roles: Set(json!(idp_roles)),
+        user_id: Set(w.user_id.to_owned()),
+        organization_id: Set(w.org_id.to_owned()),
+        role: Set(w.role.to_owned()),
+        role_source: Set(RoleSource::Idp.as_str().to_owned()),
+        idp_roles: Set(json!(w.idp_roles.unwrap_or_default())),
         is_active: Set(true),
-        created_at: Set(now),
-        updated_at: Set(now),
+        created_at: Set(w.now),
+        updated_at: Set(w.now),
     };
     memberships::Entity::insert(row)
         .on_conflict(

@@ -2,7 +2,7 @@
 //! `orgs|users|memberships`, `healthcheck`.
 
 use crate::helpers::app;
-use idsync::devkit::{EchoUpstream, IssuerMode, LocalIssuer, SigningAlg};
+use devkit::{EchoUpstream, IssuerMode, LocalIssuer, SigningAlg};
 use serde_json::{Value, json};
 use std::process::Output;
 
@@ -96,7 +96,7 @@ async fn token_inspect_explains_each_kind_of_failure_and_never_prints_the_signat
     assert!(!text.contains(signature), "the signature is never printed");
 
     let mut expired = issuer.claims_for("late");
-    expired["exp"] = json!(idsync::http::auth::unix_now() - 600);
+    expired["exp"] = json!(devkit::unix_now() - 600);
     let (code, r, _) = inspect(issuer.mint(expired)).await;
     assert_eq!(code, Some(1));
     assert_eq!(
@@ -119,11 +119,12 @@ async fn token_inspect_explains_each_kind_of_failure_and_never_prints_the_signat
     no_tenant.as_object_mut().unwrap().remove("tenant_id");
     let (_, r, _) = inspect(issuer.mint(no_tenant)).await;
     assert_eq!(r["verdict"], "refuse: 403 missing_tenant_claim");
+    let reasons = r["reasons"].to_string();
     assert!(
-        r["reasons"].to_string().contains(
-            "looked for `organization` and `tenant_id`; set --tenant-claim or --missing-tenant"
-        ),
-        "{r}"
+        reasons.contains("looked for `organization` and `tenant_id`")
+            && reasons.contains("--tenant-claim")
+            && reasons.contains("--missing-tenant"),
+        "the operator gets the flags to set: {r}"
     );
 
     // A valid token whose payload was swapped after signing: decodes fine, signature does not hold.
@@ -211,8 +212,26 @@ async fn orgs_users_and_memberships_commands_work_on_the_database() {
         serde_json::from_str::<Value>(&out).unwrap()["slug"],
         "cli-org"
     );
-    let (code, _, err) = run(&["memberships", "add", "cli-user", "cli-org", "viewer"]).await;
+    let (code, out, err) = run(&["memberships", "add", "cli-user", "cli-org", "viewer"]).await;
     assert_eq!(code, Some(0), "{err}");
+    let added: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(added["role_source"], "operator", "a role an operator chose");
+    let (code, out, err) = run(&["memberships", "role-source", "cli-user", "cli-org", "idp"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let handed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (&handed["role"], &handed["role_source"]),
+        (&json!("viewer"), &json!("idp"))
+    );
+    let (code, _, _) = run(&[
+        "memberships",
+        "role-source",
+        "cli-user",
+        "cli-org",
+        "nobody",
+    ])
+    .await;
+    assert_eq!(code, Some(2), "clap refuses an unknown source");
     let (_, out, _) = run(&["users", "get", "cli-user"]).await;
     assert_eq!(
         serde_json::from_str::<Value>(&out).unwrap()["memberships"]
@@ -249,7 +268,11 @@ async fn orgs_users_and_memberships_commands_work_on_the_database() {
         .all(&conn)
         .await
         .unwrap();
-    assert_eq!(by_ops.len(), 4, "create, add, delete, deactivate");
+    assert_eq!(
+        by_ops.len(),
+        5,
+        "create, add, role source, delete, deactivate"
+    );
 }
 
 #[tokio::test]

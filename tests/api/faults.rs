@@ -3,8 +3,8 @@
 
 use crate::db::TestDb;
 use crate::helpers::app;
+use devkit::{EchoUpstream, LocalIssuer, SigningAlg};
 use entity::{audit_events, memberships, organizations, users};
-use idsync::devkit::{EchoUpstream, LocalIssuer, SigningAlg};
 use sea_orm::{EntityTrait, PaginatorTrait};
 use serde_json::json;
 use std::time::{Duration, Instant};

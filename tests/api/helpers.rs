@@ -1,8 +1,8 @@
 //! Test harness: starts an issuer, an echo upstream and idsync with a temporary SQLite database.
 
 use clap::Parser;
-use idsync::config::Cli;
-use idsync::devkit::{EchoUpstream, LocalIssuer, SigningAlg};
+use devkit::{EchoUpstream, LocalIssuer, SigningAlg};
+use idsync::cli::Cli;
 use idsync::startup::{Application, Running};
 use serde_json::Value;
 use std::time::Duration;
@@ -113,7 +113,7 @@ impl Builder {
                 .unwrap(),
         };
         if self.start_issuer_down {
-            issuer.set_mode(idsync::devkit::IssuerMode::Down);
+            issuer.set_mode(devkit::IssuerMode::Down);
         }
         let upstream = EchoUpstream::start().await.unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -140,8 +140,7 @@ impl Builder {
         argv.extend(self.args);
         let settings = Cli::try_parse_from(&argv)
             .unwrap()
-            .serve
-            .validate()
+            .serve_settings()
             .unwrap();
         let app = Application::build(&settings).await.unwrap().spawn();
         let test = TestApp {
@@ -200,6 +199,25 @@ impl TestApp {
         let status = r.status().as_u16();
         let body = r.json::<Value>().await.unwrap_or(Value::Null);
         Echo { status, body }
+    }
+
+    /// Calls the admin API as operator `alice`; returns the status and the JSON body.
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}/admin/v1{path}", self.app.admin_url()))
+            .header("X-Admin-Actor", "alice");
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
     }
 
     pub async fn metrics(&self) -> String {

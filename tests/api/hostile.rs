@@ -4,7 +4,7 @@
 use crate::helpers::app;
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use idsync::devkit::{LocalIssuer, SigningAlg};
+use devkit::{LocalIssuer, SigningAlg};
 use jsonwebtoken::{Algorithm, EncodingKey};
 use sea_orm::{EntityTrait, PaginatorTrait};
 use serde_json::{Value, json};
@@ -52,7 +52,7 @@ async fn sixty_hostile_tokens_and_requests_are_refused_without_side_effects() {
         .start()
         .await;
     let iss = issuer.issuer().to_owned();
-    let now = idsync::http::auth::unix_now();
+    let now = devkit::unix_now();
     let good = || {
         let mut c = issuer.claims_for("victim");
         c["aud"] = json!("web-app");

@@ -2,7 +2,7 @@
 //! readiness while the issuer is unreachable, and local key files.
 
 use crate::helpers::{app, assert_error};
-use idsync::devkit::{IssuerMode, SigningAlg};
+use devkit::{IssuerMode, SigningAlg};
 use serde_json::json;
 use std::time::Duration;
 
@@ -113,13 +113,13 @@ async fn keys_past_their_maximum_age_give_503() {
         "temporarily_unavailable",
     )
     .await;
+    // The client learns it may retry, never where the keys come from or why they failed.
+    let shown = body["error_description"].as_str().unwrap();
     assert!(
-        body["error_description"]
-            .as_str()
-            .unwrap()
-            .contains("maximum age"),
+        !shown.contains("maximum age") && !shown.contains("http") && !shown.contains("127.0.0.1"),
         "{body}"
     );
+    // The operator sees the cause where operators look.
     let ready = t
         .http
         .get(format!("{}/readyz", t.app.admin_url()))
@@ -127,6 +127,8 @@ async fn keys_past_their_maximum_age_give_503() {
         .await
         .unwrap();
     assert_eq!(ready.status(), 503);
+    let ready: serde_json::Value = ready.json().await.unwrap();
+    assert!(ready.to_string().contains("maximum age"), "{ready}");
     assert_eq!(t.upstream.hits(), 0);
 }
 

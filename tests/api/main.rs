@@ -7,6 +7,8 @@ mod db;
 mod helpers;
 mod hostile;
 
+mod access;
+mod architecture;
 mod cli;
 mod faults;
 mod forward_auth;

@@ -26,16 +26,7 @@ async fn admin(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let mut req = t
-        .http
-        .request(method, format!("{}/admin/v1{path}", t.app.admin_url()))
-        .header("X-Admin-Actor", "alice");
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let r = req.send().await.unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    t.admin(method, path, body).await
 }
 
 async fn me_and_tenant_describe_the_caller_and_where_they_may_switch(db: TestDb) {

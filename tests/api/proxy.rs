@@ -2,7 +2,7 @@
 //! headers stripped, tenant requests honoured only when the token allows them, upstream failures.
 
 use crate::helpers::{app, assert_error};
-use idsync::devkit::SigningAlg;
+use devkit::SigningAlg;
 use serde_json::json;
 
 #[tokio::test]
@@ -120,7 +120,7 @@ async fn frontegg_tenant_token_forwards_the_tenant_without_a_user() {
         .issuer_options(",dialect=frontegg")
         .start()
         .await;
-    let now = idsync::http::auth::unix_now();
+    let now = devkit::unix_now();
     let token = t.issuer.mint(json!({"type": "tenantApiToken", "tenantId": "t-42", "createdByUserId": "u-1", "exp": now + 60}));
     let echo = t.echo(t.http.get(t.url("/")).bearer_auth(&token)).await;
     assert_eq!(echo.status, 200);

@@ -4,7 +4,7 @@
 //! fails on an error no fault explains, a missing row, or growing memory.
 
 use crate::db::TestDb;
-use idsync::devkit::{LocalIssuer, SigningAlg};
+use devkit::{LocalIssuer, SigningAlg};
 use sea_orm::{ConnectionTrait, EntityTrait, PaginatorTrait};
 use serde_json::json;
 use std::collections::{BTreeMap, HashSet};
@@ -83,7 +83,7 @@ async fn soak_with_key_rotation_upstream_restart_and_database_outage() {
                 let mut c = issuer.claims_for(&format!("soak-{n}"));
                 c["tenant_id"] = json!(format!("tenant-{}", n % 40));
                 c["email"] = json!(format!("soak-{n}@example.com"));
-                c["exp"] = json!(idsync::http::auth::unix_now() + 3600);
+                c["exp"] = json!(devkit::unix_now() + 3600);
                 issuer.mint(c)
             })
             .collect()

@@ -50,7 +50,7 @@ fn every_flag_reads_its_idsync_env_twin() {
 
 #[tokio::test]
 async fn sigterm_lets_in_flight_requests_finish_and_exits_0() {
-    use idsync::devkit::{EchoUpstream, LocalIssuer, SigningAlg};
+    use devkit::{EchoUpstream, LocalIssuer, SigningAlg};
 
     let issuer = LocalIssuer::start("/realms/acme", SigningAlg::RS256)
         .await
@@ -140,9 +140,16 @@ fn migrate_subcommand_applies_and_reports_migrations() {
     };
     assert!(run("status").contains("pending  m20261122_000001_identity_tables"));
     run("up");
-    assert!(run("status").contains("applied  m20261122_000001_identity_tables"));
+    let status = run("status");
+    assert!(status.contains("applied  m20261122_000001_identity_tables"));
+    assert!(status.contains("applied  m20261201_000002_membership_role_source"));
     run("down");
-    assert!(run("status").contains("pending  m20261122_000001_identity_tables"));
+    let status = run("status");
+    assert!(
+        status.contains("applied  m20261122_000001_identity_tables"),
+        "down reverts one"
+    );
+    assert!(status.contains("pending  m20261201_000002_membership_role_source"));
 }
 
 /// docs/configuration.md is the `--help` text of every command; this fails when they drift.

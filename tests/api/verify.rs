@@ -4,7 +4,7 @@
 use crate::helpers::{app, assert_error};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use idsync::devkit::{LocalIssuer, SigningAlg};
+use devkit::{LocalIssuer, SigningAlg};
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{Value, json};
 
@@ -27,7 +27,7 @@ fn hmac_token(secret: &[u8], header: Value, claims: &Value) -> String {
 async fn bad_tokens_are_rejected_with_401_and_never_reach_the_upstream() {
     let t = app().issuer_options(",audience=web-app").start().await;
     let iss = t.issuer.issuer().to_owned();
-    let now = idsync::http::auth::unix_now();
+    let now = devkit::unix_now();
     let good = |extra: Value| {
         let mut c = t.issuer.claims_for("user-1");
         c["aud"] = json!("web-app");

@@ -232,7 +232,7 @@ impl LocalIssuer {
 
     /// A typical set of claims for a user in tenant `acme`, valid for five minutes from now.
     pub fn claims_for(&self, sub: &str) -> Value {
-        let now = crate::http::auth::unix_now();
+        let now = crate::unix_now();
         json!({"iss": self.issuer(), "sub": sub, "iat": now, "exp": now + 300, "typ": "Bearer", "azp": "web-app", "tenant_id": "acme"})
     }
 

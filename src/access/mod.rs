@@ -1,0 +1,250 @@
+//! The access layer, between the HTTP edge and {`oidc`, `identity`, `provision`}: the issuer registry,
+//! the token cache, verify-then-map, and the one access decision (`policy`). Every entry point (proxy,
+//! forward-auth, `/.idsync/me`, pass mode, `token inspect`) asks it the same question and gets the same
+//! answer. No HTTP types, no SQL; its errors are its own and become statuses only at the edge.
+
+pub mod error;
+pub mod issuers;
+pub mod policy;
+pub mod tokens;
+
+pub use error::{AccessError, Refusal, TokenRejection};
+pub use issuers::{Issuer, IssuerRegistry, IssuerSpec};
+pub use policy::{MissingTenant, TenantPolicy};
+pub use tokens::Authenticated;
+
+use crate::identity::{TenantId, map_claims};
+use crate::provision::{Affected, ProvisionError, Provisioned, Provisioner};
+use policy::Known;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
+use std::time::Duration;
+use tokens::{TokenCache, token_key};
+
+/// What to do when the database fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnDbError {
+    /// 503.
+    Fail,
+    /// The same decision without the database: forward with `X-Idsync-Synced: false`.
+    Pass,
+}
+
+/// A request let in: who, and what the upstream is told.
+pub struct Admission {
+    pub authenticated: Arc<Authenticated>,
+    pub view: Arc<Provisioned>,
+}
+
+pub struct Gatekeeper {
+    registry: Arc<IssuerRegistry>,
+    tokens: TokenCache,
+    policy: TenantPolicy,
+    provisioner: Arc<Provisioner>,
+    on_db_error: OnDbError,
+    /// Pass mode only: until when (ms since the epoch) the database is not asked again after a failure,
+    /// so a request meeting a dead database does not wait its timeout (synced identities still come
+    /// from the cache meanwhile).
+    db_quiet_until_ms: AtomicI64,
+}
+
+/// How long pass mode leaves a failed database alone before trying it again.
+const DB_RETRY_AFTER: Duration = Duration::from_secs(2);
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Gatekeeper {
+    pub fn new(
+        registry: Arc<IssuerRegistry>,
+        token_cache_size: u64,
+        policy: TenantPolicy,
+        provisioner: Arc<Provisioner>,
+        on_db_error: OnDbError,
+    ) -> Self {
+        let leeway = registry.verify_options().leeway_secs;
+        Self {
+            registry,
+            tokens: TokenCache::new(token_cache_size, leeway),
+            policy,
+            provisioner,
+            on_db_error,
+            db_quiet_until_ms: AtomicI64::new(0),
+        }
+    }
+
+    /// Pass mode with the database recently failed: decide without it.
+    fn database_resting(&self) -> bool {
+        self.on_db_error == OnDbError::Pass && now_ms() < self.db_quiet_until_ms.load(Relaxed)
+    }
+
+    pub fn registry(&self) -> &Arc<IssuerRegistry> {
+        &self.registry
+    }
+
+    pub fn provisioner(&self) -> &Arc<Provisioner> {
+        &self.provisioner
+    }
+
+    pub fn policy(&self) -> &TenantPolicy {
+        &self.policy
+    }
+
+    pub fn tokens(&self) -> &TokenCache {
+        &self.tokens
+    }
+
+    /// Who the token says the caller is: verified (or remembered) and mapped.
+    pub async fn authenticate(
+        &self,
+        token: &str,
+        now: i64,
+    ) -> Result<Arc<Authenticated>, AccessError> {
+        let key = self.tokens.enabled().then(|| token_key(token));
+        if let Some(k) = &key
+            && let Some(hit) = self.tokens.get(k, now).await?
+        {
+            metrics::counter!("idsync_token_cache_total", "outcome" => "hit").increment(1);
+            return Ok(hit);
+        }
+        if key.is_some() {
+            metrics::counter!("idsync_token_cache_total", "outcome" => "miss").increment(1);
+        }
+        // Boxed for the same reason as sync's database path: a cache hit's future stays small.
+        Box::pin(self.verify_and_map(token, now, key)).await
+    }
+
+    async fn verify_and_map(
+        &self,
+        token: &str,
+        now: i64,
+        key: Option<tokens::TokenKey>,
+    ) -> Result<Arc<Authenticated>, AccessError> {
+        let started = std::time::Instant::now();
+        let verified = self.registry.verify(token, now).await;
+        metrics::histogram!("idsync_verify_seconds").record(started.elapsed().as_secs_f64());
+        metrics::counter!("idsync_token_verifications_total", "outcome" => if verified.is_ok() { "valid" } else { "invalid" })
+            .increment(1);
+        let (issuer, verified) = verified?;
+        let identity = map_claims(issuer.name.clone(), &verified.claims, &issuer.rules)?;
+        let authenticated = Arc::new(Authenticated {
+            identity,
+            issuer,
+            key: verified.key,
+            expires_at: verified.expires_at,
+        });
+        if let Some(key) = key {
+            self.tokens.insert(key, authenticated.clone()).await;
+        }
+        Ok(authenticated)
+    }
+
+    /// The whole question: may this token act, in which tenant, with which role. Syncs the rows (or,
+    /// under `--on-db-error pass` with the database down, decides without them).
+    pub async fn admit(
+        &self,
+        token: &str,
+        requested: Option<&TenantId>,
+        now: i64,
+    ) -> Result<Admission, AccessError> {
+        let authenticated = self.authenticate(token, now).await?;
+        if self.database_resting() {
+            return self.pass_resting(authenticated, requested).await;
+        }
+        let identity = &authenticated.identity;
+        let target = policy::target(identity, requested, &self.policy)?;
+        let stored = match target.needs_membership(identity) {
+            None => None,
+            Some((user, tenant)) => match self.provisioner.membership(user, tenant).await {
+                Ok(m) => Some(m),
+                Err(e) if self.on_db_error == OnDbError::Pass => {
+                    return self.pass(authenticated, requested, &e.to_string());
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
+        let known = match &stored {
+            None => Known::Nothing,
+            Some(m) => Known::Membership(m.as_ref()),
+        };
+        let decision = match policy::decide(identity, target, known, &self.policy) {
+            Ok(d) => d,
+            Err(refusal) => {
+                let tenant = requested.map(|t| t.as_str());
+                if let Err(e) = self
+                    .provisioner
+                    .record_refusal(identity, tenant, refusal.code())
+                    .await
+                {
+                    tracing::warn!(error = %e, "the refusal could not be audited");
+                }
+                return Err(refusal.into());
+            }
+        };
+        match self.provisioner.sync(identity, &decision.plan).await {
+            Ok(view) => Ok(Admission {
+                authenticated,
+                view,
+            }),
+            Err(ProvisionError::Database(e)) if self.on_db_error == OnDbError::Pass => {
+                self.pass(authenticated, requested, &e.to_string())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Pass mode: the same decision without the database.
+    fn pass(
+        &self,
+        authenticated: Arc<Authenticated>,
+        requested: Option<&TenantId>,
+        cause: &str,
+    ) -> Result<Admission, AccessError> {
+        tracing::warn!(error = %cause, "database unavailable; deciding without it (pass mode)");
+        self.db_quiet_until_ms
+            .store(now_ms() + DB_RETRY_AFTER.as_millis() as i64, Relaxed);
+        self.decide_without_database(authenticated, requested)
+    }
+
+    /// While the database rests: an identity synced before keeps its synced view, others pass.
+    async fn pass_resting(
+        &self,
+        authenticated: Arc<Authenticated>,
+        requested: Option<&TenantId>,
+    ) -> Result<Admission, AccessError> {
+        let identity = &authenticated.identity;
+        let target = policy::target(identity, requested, &self.policy)?;
+        if target.needs_membership(identity).is_none() {
+            let decision = policy::decide(identity, target, Known::Nothing, &self.policy)?;
+            if let Some(view) = self.provisioner.cached(identity, &decision.plan).await {
+                return Ok(Admission {
+                    authenticated,
+                    view,
+                });
+            }
+        }
+        self.decide_without_database(authenticated, requested)
+    }
+
+    fn decide_without_database(
+        &self,
+        authenticated: Arc<Authenticated>,
+        requested: Option<&TenantId>,
+    ) -> Result<Admission, AccessError> {
+        metrics::counter!("idsync_sync_total", "outcome" => "passed").increment(1);
+        let (_, view) = policy::decide_offline(&authenticated.identity, requested, &self.policy)?;
+        Ok(Admission {
+            authenticated,
+            view: Arc::new(view),
+        })
+    }
+
+    /// Drops what this replica remembers about an affected user, organization or membership.
+    pub fn forget(&self, affected: &Affected) {
+        if let Affected::User(u) = affected {
+            self.tokens.invalidate_subject(u);
+        }
+        self.provisioner.invalidate(affected);
+    }
+}
