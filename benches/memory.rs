@@ -11,7 +11,7 @@ use idsync::access::{
 };
 use idsync::identity::{ClaimPath, Dialect, RoleMap};
 use idsync::oidc::{IdpClient, KeyCacheOptions, KeySource, VerifyOptions};
-use idsync::provision::{Provisioner, SyncOptions};
+use idsync::provision::{CacheBudget, Provisioner, SyncOptions};
 use serde_json::json;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
@@ -62,6 +62,8 @@ async fn main() {
             issuer: issuer.issuer().into(),
             dialect: Dialect::Keycloak,
             audiences: vec![],
+            authorized_parties: vec![],
+            require_typ: None,
             source: KeySource::File(path),
             tenant_claim: ClaimPath::new("tenant_id").unwrap(),
             roles_claim: ClaimPath::new("roles").unwrap(),
@@ -102,14 +104,20 @@ async fn main() {
         db,
         SyncOptions {
             tenant_schema: None,
-            cache_size: n as u64 * 2,
+            cache: CacheBudget {
+                bytes: 1 << 30,
+                entries: n as u64 * 2,
+            },
             cache_ttl: Duration::from_secs(300),
             last_seen_interval: Duration::from_secs(300),
         },
     ));
     let auth = Gatekeeper::new(
         Arc::new(registry),
-        n as u64 * 2,
+        CacheBudget {
+            bytes: 1 << 40,
+            entries: n as u64 * 2,
+        },
         tenant_policy.clone(),
         provisioner.clone(),
         OnDbError::Fail,

@@ -15,7 +15,7 @@ use idsync::access::{
 use idsync::http::headers::{self, HeaderNames};
 use idsync::identity::{ClaimPath, Dialect, MappingRules, RoleMap, map_claims};
 use idsync::oidc::{IdpClient, KeyCacheOptions, KeySource, VerifyOptions};
-use idsync::provision::{Provisioned, Provisioner, SyncOptions};
+use idsync::provision::{CacheBudget, Provisioned, Provisioner, SyncOptions};
 use serde_json::{Map, Value, json};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -62,6 +62,8 @@ async fn registry(
         issuer: issuer.issuer().into(),
         dialect,
         audiences: vec![],
+        authorized_parties: vec![],
+        require_typ: None,
         source: KeySource::File(path),
         tenant_claim: ClaimPath::new("tenant_id").unwrap(),
         roles_claim: ClaimPath::new("roles").unwrap(),
@@ -126,7 +128,10 @@ fn fixture() -> &'static Fixture {
                 db,
                 SyncOptions {
                     tenant_schema: None,
-                    cache_size: 100_000,
+                    cache: CacheBudget {
+                        bytes: 1 << 30,
+                        entries: 100_000,
+                    },
                     cache_ttl: Duration::from_secs(300),
                     last_seen_interval: Duration::from_secs(300),
                 },
@@ -141,7 +146,10 @@ fn fixture() -> &'static Fixture {
                 registry(&issuer, dir.path().join("cache.json"), Dialect::Keycloak).await;
             let auth = Gatekeeper::new(
                 Arc::new(registry),
-                100_000,
+                CacheBudget {
+                    bytes: 1 << 30,
+                    entries: 100_000,
+                },
                 tenant_policy(),
                 provisioner.clone(),
                 OnDbError::Fail,

@@ -23,8 +23,14 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| "http://127.0.0.1:3000".into()),
     )?;
     let upstream = Arc::new(
-        Upstream::new(&upstream, Duration::from_secs(5), Duration::from_secs(60))
-            .map_err(anyhow::Error::msg)?,
+        Upstream::new(
+            &upstream,
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+            idsync::http::forwarded::TrustedProxies::default(),
+            None,
+        )
+        .map_err(anyhow::Error::msg)?,
     );
     let app = axum::Router::new().fallback(forward).with_state(upstream);
     let listener = tokio::net::TcpListener::bind(&listen).await?;
@@ -42,7 +48,7 @@ async fn forward(
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
-    match upstream.forward(req, client).await {
+    match upstream.forward(req, client, None).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }

@@ -56,10 +56,12 @@ pub struct ServeArgs {
     pub upstream: Option<String>,
 
     /// A trusted issuer (repeatable; in the environment, separate several with `;`):
-    /// URL[,dialect=keycloak|frontegg|generic][,audience=AUD]...[,jwks-uri=URL][,key-file=PATH]
-    /// [,tenant-claim=PATH][,roles-claim=PATH]. The dialect defaults to keycloak when the URL path
-    /// contains /realms/, else generic. jwks-uri skips discovery; key-file reads a local JWKS or PEM
-    /// file (re-read when it changes) instead of the network.
+    /// URL[,dialect=keycloak|frontegg|generic][,audience=AUD]...[,authorized-party=CLIENT]...[,typ=at+jwt]
+    /// [,jwks-uri=URL][,key-file=PATH][,tenant-claim=PATH][,roles-claim=PATH]. The dialect defaults to
+    /// keycloak when the URL path contains /realms/, else generic. audience= checks `aud`;
+    /// authorized-party= checks `azp` (the client the token was issued to: with neither, a token issued
+    /// to any client of the issuer passes); typ=at+jwt requires RFC 9068 access tokens. jwks-uri skips
+    /// discovery; key-file reads a local JWKS or PEM file (re-read when it changes) instead of the network.
     #[arg(long = "issuer", env = "IDSYNC_ISSUER", value_delimiter = ';')]
     pub issuers: Vec<String>,
 
@@ -104,8 +106,10 @@ pub struct ServeArgs {
     #[arg(long, env = "IDSYNC_JWKS_REFRESH_INTERVAL", default_value = "10m")]
     pub jwks_refresh_interval: String,
 
-    /// Least time between two key refetches caused by tokens with an unknown `kid`.
-    #[arg(long, env = "IDSYNC_JWKS_REFETCH_COOLDOWN", default_value = "30s")]
+    /// Least time between two key refetches caused by tokens with an unknown `kid` (a flood of forged
+    /// `kid`s costs the IdP at most one fetch per cooldown); an unknown `kid` seen during the cooldown is
+    /// refetched for as soon as it ends.
+    #[arg(long, env = "IDSYNC_JWKS_REFETCH_COOLDOWN", default_value = "5s")]
     pub jwks_refetch_cooldown: String,
 
     /// How long the last good keys stay in use while the IdP cannot be reached; then requests get 503.
@@ -124,9 +128,16 @@ pub struct ServeArgs {
     #[arg(long, env = "IDSYNC_MAX_TOKEN_BYTES", default_value = "16384")]
     pub max_token_bytes: String,
 
-    /// Most verified tokens kept in memory (0 disables the cache: every request is verified).
+    /// Most verified tokens kept in memory (0 disables the cache: every request is verified). The caches
+    /// are also bounded in bytes by --cache-max-memory, whichever is reached first.
     #[arg(long, env = "IDSYNC_TOKEN_CACHE_SIZE", default_value = "100000")]
     pub token_cache_size: String,
+
+    /// Memory all caches together may hold (verified tokens 56 %, synced identities 36 %, membership
+    /// lookups and audited refusals 4 % each), e.g. 64MiB, 1GiB. With the process's idle footprint this
+    /// sizes the container's memory limit; no traffic pattern can grow the caches past it.
+    #[arg(long, env = "IDSYNC_CACHE_MAX_MEMORY", default_value = "64MiB")]
+    pub cache_max_memory: String,
 
     /// Claim holding the tenant id (dotted path, or a literal claim name such as a URL).
     #[arg(long, env = "IDSYNC_TENANT_CLAIM", default_value = "tenant_id")]
@@ -136,9 +147,18 @@ pub struct ServeArgs {
     #[arg(long, env = "IDSYNC_ROLES_CLAIM", default_value = "roles")]
     pub roles_claim: String,
 
-    /// Path prefix proxied without a token (repeatable, or comma separated); owned headers are still stripped.
+    /// Path prefix proxied without a token (repeatable, or comma separated); owned headers are still
+    /// stripped. Matched on whole segments of the canonical path (`;` parameters cut, `%2e` decoded, `..`
+    /// resolved); a path that could mean something else to the app (`%2f`, `\`, `//`) is never public.
     #[arg(long, env = "IDSYNC_SKIP_AUTH", value_delimiter = ',')]
     pub skip_auth: Vec<String>,
+
+    /// Forward-auth (`/.idsync/auth`): the one request header in which the proxy in front sends the
+    /// original URI, e.g. X-Original-URI (nginx auth_request, ingress-nginx with auth-method) or
+    /// X-Forwarded-Uri (Traefik). Only then does forward-auth apply --skip-auth; Envoy ext_authz needs
+    /// none (the original path follows /.idsync/auth in its request line).
+    #[arg(long, env = "IDSYNC_FORWARD_AUTH_URI_HEADER")]
+    pub forward_auth_uri_header: Option<String>,
 
     /// Browser origin allowed to call through idsync (repeatable, or comma separated; exact origins such as
     /// https://app.example.com). Preflights are answered by idsync without a token.
@@ -164,6 +184,17 @@ pub struct ServeArgs {
     /// Time to connect to the upstream before answering 502.
     #[arg(long, env = "IDSYNC_UPSTREAM_CONNECT_TIMEOUT", default_value = "5s")]
     pub upstream_connect_timeout: String,
+
+    /// Peers whose X-Forwarded-*, Forwarded and X-Real-IP headers idsync believes and appends to
+    /// (comma separated addresses or CIDR blocks, e.g. the ingress pods' range 10.0.0.0/8). From any other
+    /// peer those headers are replaced with what idsync itself saw.
+    #[arg(long, env = "IDSYNC_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
+
+    /// The longest a WebSocket stays open, token or not (e.g. 1h; 0 = no bound beyond the token). A
+    /// WebSocket is always closed when the token that opened it expires.
+    #[arg(long, env = "IDSYNC_WEBSOCKET_MAX_LIFETIME", default_value = "0")]
+    pub websocket_max_lifetime: String,
 
     /// Time for the upstream to send response headers before answering 504.
     #[arg(long, env = "IDSYNC_UPSTREAM_TIMEOUT", default_value = "60s")]
@@ -291,13 +322,18 @@ pub struct Settings {
     pub upstream: Url,
     pub upstream_connect_timeout: Duration,
     pub upstream_timeout: Duration,
+    pub trusted_proxies: crate::http::forwarded::TrustedProxies,
+    /// `None`: only the token's `exp` closes a WebSocket.
+    pub websocket_max_lifetime: Option<Duration>,
     pub issuers: Vec<IssuerSpec>,
     pub issuer_ca_pem: Option<Vec<u8>>,
     pub idp_timeout: Duration,
     pub key_cache: KeyCacheOptions,
     pub verify: VerifyOptions,
-    pub token_cache_size: u64,
+    /// The token cache's bound.
+    pub token_cache: crate::provision::CacheBudget,
     pub skip_auth: Vec<String>,
+    pub forward_auth_uri_header: Option<http::HeaderName>,
     pub header_prefix: String,
     pub cors: CorsPolicy,
     pub database_url: DatabaseUrl,
@@ -334,6 +370,25 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         }
     };
     Ok(d)
+}
+
+/// Parses a byte size: `65536`, `512KiB`, `64MiB`, `1GiB` (also `K`/`Ki`/`KB`, `M`…, `G`…; powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 64MiB, 1GiB)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "ki" | "kb" | "kib" => 10,
+        "m" | "mi" | "mb" | "mib" => 20,
+        "g" | "gi" | "gb" | "gib" => 30,
+        _ => return Err(format!("`{s}` has an unknown unit (use KiB, MiB or GiB)")),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("`{s}` is too large"))
 }
 
 fn is_loopback_host(url: &Url) -> bool {
@@ -438,6 +493,18 @@ impl ServeArgs {
         let upstream_connect_timeout =
             p.duration("--upstream-connect-timeout", &self.upstream_connect_timeout);
         let upstream_timeout = p.duration("--upstream-timeout", &self.upstream_timeout);
+        let mut blocks = Vec::new();
+        for raw in self.trusted_proxies.iter().filter(|r| !r.trim().is_empty()) {
+            if let Some(c) = p.take(
+                "--trusted-proxies",
+                crate::http::forwarded::Cidr::parse(raw),
+            ) {
+                blocks.push(c);
+            }
+        }
+        let websocket_max_lifetime = p
+            .duration("--websocket-max-lifetime", &self.websocket_max_lifetime)
+            .map(|d| (!d.is_zero()).then_some(d));
         let issuers = self.issuers(p);
         let issuer_ca_pem = match &self.issuer_ca_file {
             None => Some(None),
@@ -452,6 +519,7 @@ impl ServeArgs {
         let key_cache = self.key_cache(p);
         let verify = self.verify(p);
         let token_cache_size = p.number("--token-cache-size", &self.token_cache_size, 0..=u64::MAX);
+        let cache_bytes = p.take("--cache-max-memory", parse_size(&self.cache_max_memory));
         let edge = self.edge(p);
         let database_url = p.take("--database-url", db.url());
         let database_max_connections = p.number(
@@ -477,7 +545,7 @@ impl ServeArgs {
             &[("auto", true), ("skip", false)],
         );
         let policy = self.policy(p);
-        let sync = self.sync(database_url.as_ref(), p);
+        let sync = self.sync(database_url.as_ref(), cache_bytes, p);
         let on_db_error = p.choice(
             "--on-db-error",
             &self.on_db_error,
@@ -485,7 +553,7 @@ impl ServeArgs {
         );
 
         let listeners = listeners?;
-        let (skip_auth, header_prefix, cors) = edge?;
+        let (skip_auth, forward_auth_uri_header, header_prefix, cors) = edge?;
         Some(Settings {
             listen: listeners.listen,
             admin_listen: listeners.admin_listen,
@@ -493,13 +561,19 @@ impl ServeArgs {
             upstream: upstream?,
             upstream_connect_timeout: upstream_connect_timeout?,
             upstream_timeout: upstream_timeout?,
+            trusted_proxies: crate::http::forwarded::TrustedProxies::new(blocks),
+            websocket_max_lifetime: websocket_max_lifetime?,
             issuers: issuers?,
             issuer_ca_pem: issuer_ca_pem?,
             idp_timeout: idp_timeout?,
             key_cache: key_cache?,
             verify: verify?,
-            token_cache_size: token_cache_size?,
+            token_cache: crate::provision::CacheBudget {
+                bytes: cache_bytes? / 100 * 56,
+                entries: token_cache_size?,
+            },
             skip_auth,
+            forward_auth_uri_header,
             header_prefix,
             cors,
             database_url: database_url?,
@@ -637,22 +711,49 @@ impl ServeArgs {
         })
     }
 
-    /// Skip-auth prefixes, the header prefix and CORS.
-    fn edge(&self, p: &mut Problems) -> Option<(Vec<String>, String, CorsPolicy)> {
+    /// Skip-auth prefixes, the forward-auth URI header, the header prefix and CORS.
+    #[allow(clippy::type_complexity)]
+    fn edge(
+        &self,
+        p: &mut Problems,
+    ) -> Option<(Vec<String>, Option<http::HeaderName>, String, CorsPolicy)> {
+        use crate::http::paths::{RequestPath, canonical};
         let mut skip_auth = Vec::new();
         for prefix in &self.skip_auth {
-            if prefix.starts_with('/') {
-                skip_auth.push(prefix.clone());
-            } else {
-                p.push(format!("--skip-auth: `{prefix}` must start with /"));
+            match canonical(prefix) {
+                Ok(RequestPath::Clean(c)) if c == "/" => p.push(format!(
+                    "--skip-auth: `{prefix}` would make every path public"
+                )),
+                Ok(RequestPath::Clean(c)) if c.trim_end_matches('/') == prefix.trim_end_matches('/') => {
+                    skip_auth.push(c)
+                }
+                Ok(_) => p.push(format!(
+                    "--skip-auth: `{prefix}` is not a plain path (no `..`, `.`, `;`, `//`, `\\` or percent-encoding)"
+                )),
+                Err(e) => p.push(format!("--skip-auth: `{prefix}`: {e}")),
             }
         }
-        p.take(
+        let names = p.take(
             "--header-prefix",
             crate::http::headers::HeaderNames::new(&self.header_prefix)
-                .map(|_| ())
                 .map_err(|e| format!("`{}`: {e}", self.header_prefix)),
         );
+        let forward_auth_uri_header = match &self.forward_auth_uri_header {
+            None => Some(None),
+            Some(raw) => p
+                .take(
+                    "--forward-auth-uri-header",
+                    http::HeaderName::try_from(raw.as_str())
+                        .map_err(|_| format!("`{raw}` is not a header name"))
+                        .and_then(|h| match &names {
+                            Some(n) if n.owns(h.as_str()) => {
+                                Err(format!("`{raw}` is a header idsync owns"))
+                            }
+                            _ => Ok(h),
+                        }),
+                )
+                .map(Some),
+        };
         let cors = p
             .duration("--cors-max-age", &self.cors_max_age)
             .and_then(|max_age| {
@@ -661,7 +762,12 @@ impl ServeArgs {
                     CorsPolicy::new(&self.cors_allow_origin, &self.cors_allow_headers, max_age),
                 )
             });
-        Some((skip_auth, self.header_prefix.clone(), cors?))
+        Some((
+            skip_auth,
+            forward_auth_uri_header?,
+            self.header_prefix.clone(),
+            cors?,
+        ))
     }
 
     fn policy(&self, p: &mut Problems) -> Option<TenantPolicy> {
@@ -692,7 +798,12 @@ impl ServeArgs {
         })
     }
 
-    fn sync(&self, database: Option<&DatabaseUrl>, p: &mut Problems) -> Option<SyncOptions> {
+    fn sync(
+        &self,
+        database: Option<&DatabaseUrl>,
+        cache_bytes: Option<u64>,
+        p: &mut Problems,
+    ) -> Option<SyncOptions> {
         let last_seen_interval = p.duration("--last-seen-interval", &self.last_seen_interval);
         let cache_size = p.number("--sync-cache-size", &self.sync_cache_size, 0..=u64::MAX);
         let cache_ttl = p.duration("--sync-cache-ttl", &self.sync_cache_ttl);
@@ -709,7 +820,10 @@ impl ServeArgs {
         }
         Some(SyncOptions {
             tenant_schema: self.tenant_schema.clone(),
-            cache_size: cache_size?,
+            cache: crate::provision::CacheBudget {
+                bytes: cache_bytes? / 100 * 36,
+                entries: cache_size?,
+            },
             cache_ttl: cache_ttl?,
             last_seen_interval: last_seen_interval?,
         })
@@ -742,6 +856,8 @@ fn parse_issuer(
         .ok();
     let mut dialect = None;
     let mut audiences = Vec::new();
+    let mut authorized_parties = Vec::new();
+    let mut require_typ = None;
     let mut jwks_uri = None;
     let mut key_file = None;
     let mut tenant_claim = tenant.clone();
@@ -757,6 +873,13 @@ fn parse_issuer(
                 None => errors.push(format!("dialect `{v}` is not one of: keycloak, frontegg, generic")),
             },
             "audience" | "aud" => audiences.push(v.to_owned()),
+            "authorized-party" | "azp" => authorized_parties.push(v.to_owned()),
+            "typ" => match v.strip_prefix("application/").unwrap_or(v) {
+                t if t.eq_ignore_ascii_case("at+jwt") || t.eq_ignore_ascii_case("JWT") => {
+                    require_typ = Some(t.to_owned())
+                }
+                _ => errors.push(format!("typ `{v}` is not at+jwt or JWT")),
+            },
             "jwks-uri" => match check_fetch_url("jwks-uri", v, allow_insecure) {
                 Ok(u) => jwks_uri = Some(u),
                 Err(e) => errors.push(e),
@@ -779,7 +902,7 @@ fn parse_issuer(
                 Ok(c) => roles_claim = c,
                 Err(e) => errors.push(e),
             },
-            other => errors.push(format!("unknown option `{other}` (known: dialect, audience, jwks-uri, key-file, tenant-claim, roles-claim)")),
+            other => errors.push(format!("unknown option `{other}` (known: dialect, audience, authorized-party, typ, jwks-uri, key-file, tenant-claim, roles-claim)")),
         }
     }
     if jwks_uri.is_some() && key_file.is_some() {
@@ -804,6 +927,8 @@ fn parse_issuer(
         issuer: raw_url.to_owned(),
         dialect,
         audiences,
+        authorized_parties,
+        require_typ,
         source,
         tenant_claim,
         roles_claim,
@@ -861,7 +986,7 @@ mod tests {
         assert_eq!(s.issuers[0].source, KeySource::Discovery);
         assert_eq!(s.issuers[1].dialect, Dialect::Frontegg);
         assert!(matches!(s.issuers[1].source, KeySource::JwksUri(_)));
-        assert_eq!(s.key_cache.refetch_cooldown, Duration::from_secs(30));
+        assert_eq!(s.key_cache.refetch_cooldown, Duration::from_secs(5));
         assert_eq!(s.verify.leeway_secs, 60);
     }
 
@@ -994,6 +1119,15 @@ mod tests {
         .validate()
         .unwrap_err();
         assert_eq!(errs.len(), 2, "{errs:?}");
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("65536").unwrap(), 65536);
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1Gi").unwrap(), 1 << 30);
+        assert_eq!(parse_size("512kb").unwrap(), 512 << 10);
+        assert!(parse_size("12 parsecs").is_err());
     }
 
     #[test]

@@ -79,8 +79,13 @@ pub async fn connect_database(
         .with_context(|| format!("cannot connect to the database {}", settings.database_url))
 }
 
-/// Migrations per `--migrate`: applied (auto), or checked to be applied (skip).
-async fn prepare_schema(db: &DatabaseConnection, migrate: bool) -> anyhow::Result<()> {
+/// Migrations per `--migrate`: applied (auto), or checked to be applied (skip); then tenant schemas made
+/// before names were recorded are recorded.
+async fn prepare_schema(
+    db: &DatabaseConnection,
+    migrate: bool,
+    tenant_schema: Option<&str>,
+) -> anyhow::Result<()> {
     if migrate {
         Migrator::up(db, None)
             .await
@@ -94,6 +99,17 @@ async fn prepare_schema(db: &DatabaseConnection, migrate: bool) -> anyhow::Resul
             "the database has pending migrations and --migrate skip is set: run `idsync migrate up` first"
         );
     }
+    if let Some(template) = tenant_schema {
+        let recorded = crate::provision::schemas::backfill(db, template)
+            .await
+            .context("recording existing tenant schemas")?;
+        if recorded > 0 {
+            tracing::info!(
+                recorded,
+                "recorded tenant schemas created before names were recorded"
+            );
+        }
+    }
     Ok(())
 }
 
@@ -104,7 +120,8 @@ impl Application {
         let mut db = connect_database(settings, pass).await?;
         // Counts every statement, so "the warm path touches no database" is measurable, not assumed.
         db.set_metric_callback(|_| metrics::counter!("idsync_db_statements_total").increment(1));
-        match prepare_schema(&db, settings.migrate).await {
+        let template = settings.sync.tenant_schema.clone();
+        match prepare_schema(&db, settings.migrate, template.as_deref()).await {
             Ok(()) => {}
             Err(e) if pass => {
                 // Pass mode serves without its database; the schema is prepared once it answers.
@@ -115,7 +132,7 @@ impl Application {
                 let (db, migrate) = (db.clone(), settings.migrate);
                 background.push(tokio::spawn(async move {
                     let mut backoff = Duration::from_millis(500);
-                    while let Err(e) = prepare_schema(&db, migrate).await {
+                    while let Err(e) = prepare_schema(&db, migrate, template.as_deref()).await {
                         tracing::debug!(error = format!("{e:#}"), "database still not ready");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -139,7 +156,7 @@ impl Application {
         background.extend(registry.spawn_key_refresh());
         let gatekeeper = Arc::new(Gatekeeper::new(
             registry,
-            settings.token_cache_size,
+            settings.token_cache,
             settings.policy.clone(),
             provisioner.clone(),
             settings.on_db_error,
@@ -148,6 +165,8 @@ impl Application {
             &settings.upstream,
             settings.upstream_connect_timeout,
             settings.upstream_timeout,
+            settings.trusted_proxies.clone(),
+            settings.websocket_max_lifetime,
         )
         .context("--upstream")?;
         let names = HeaderNames::new(&settings.header_prefix).map_err(anyhow::Error::msg)?;
@@ -160,6 +179,7 @@ impl Application {
             upstream,
             names,
             skip_auth: settings.skip_auth.clone(),
+            forward_auth_uri_header: settings.forward_auth_uri_header.clone(),
             directory: directory.clone(),
             cors: settings.cors.clone(),
         });
@@ -196,6 +216,7 @@ impl Application {
                 .as_ref()
                 .map(|t| Arc::new(t.expose().to_owned())),
             app_roles: Arc::new(settings.policy.roles.app_roles().to_vec()),
+            admin_addr: admin_listener.local_addr()?,
         };
         Ok(Self {
             proxy_listener,

@@ -13,8 +13,11 @@ pub enum LogFormat {
 /// Installs the global subscriber. A second call (tests, the demo) is a no-op.
 pub fn init(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal as _;
+    // Colour codes only for a person at a terminal: in a file, a pipe or a log collector they are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal())
         .with_writer(std::io::stdout);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

@@ -66,6 +66,8 @@ struct Inner {
     mode: Mutex<IssuerMode>,
     delay_ms: AtomicU64,
     jwks_fetches: AtomicUsize,
+    /// JWKS requests answered 304 because the client's `If-None-Match` matched.
+    jwks_not_modified: AtomicUsize,
     discovery_fetches: AtomicUsize,
     next_kid: AtomicUsize,
 }
@@ -98,6 +100,7 @@ impl LocalIssuer {
             mode: Mutex::new(IssuerMode::Up),
             delay_ms: AtomicU64::new(0),
             jwks_fetches: AtomicUsize::new(0),
+            jwks_not_modified: AtomicUsize::new(0),
             discovery_fetches: AtomicUsize::new(0),
             next_kid: AtomicUsize::new(1),
         });
@@ -165,6 +168,10 @@ impl LocalIssuer {
 
     pub fn jwks_fetches(&self) -> usize {
         self.inner.jwks_fetches.load(Ordering::Relaxed)
+    }
+
+    pub fn jwks_not_modified(&self) -> usize {
+        self.inner.jwks_not_modified.load(Ordering::Relaxed)
     }
 
     pub fn discovery_fetches(&self) -> usize {
@@ -367,15 +374,35 @@ async fn discovery(State(inner): State<Arc<Inner>>) -> Response {
     .into_response()
 }
 
-async fn jwks(State(inner): State<Arc<Inner>>) -> Response {
+/// The JWKS, with an `ETag` (a digest of the document) and `If-None-Match` answered 304, as Keycloak and
+/// CDNs in front of IdPs do.
+async fn jwks(State(inner): State<Arc<Inner>>, headers: http::HeaderMap) -> Response {
     inner.jwks_fetches.fetch_add(1, Ordering::Relaxed);
     if let Some(r) = gate(&inner).await {
         return r;
     }
-    if *inner.mode.lock().expect("mode lock") == IssuerMode::EmptyKeys {
-        return Json(json!({"keys": []})).into_response();
+    let doc = if *inner.mode.lock().expect("mode lock") == IssuerMode::EmptyKeys {
+        json!({"keys": []})
+    } else {
+        let keys = inner.keys.lock().expect("keys lock");
+        json!({ "keys": keys.iter().map(|k| k.public_jwk.clone()).collect::<Vec<_>>() })
+    };
+    let body = doc.to_string();
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body.as_bytes());
+    let etag = format!("\"{}\"", URL_SAFE_NO_PAD.encode(&digest.as_ref()[..12]));
+    if headers
+        .get(http::header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes() == etag.as_bytes())
+    {
+        inner.jwks_not_modified.fetch_add(1, Ordering::Relaxed);
+        return (StatusCode::NOT_MODIFIED, [(http::header::ETAG, etag)]).into_response();
     }
-    let keys = inner.keys.lock().expect("keys lock");
-    Json(json!({ "keys": keys.iter().map(|k| k.public_jwk.clone()).collect::<Vec<_>>() }))
+    (
+        [
+            (http::header::CONTENT_TYPE, "application/json".to_owned()),
+            (http::header::ETAG, etag),
+        ],
+        body,
+    )
         .into_response()
 }

@@ -16,6 +16,9 @@ pub struct Model {
     pub is_active: bool,
     #[sea_orm(column_type = "JsonBinary", nullable)]
     pub metadata: Option<Json>,
+    /// The PostgreSQL schema idsync created for this tenant (`--tenant-schema`), if any; unique.
+    #[sea_orm(unique)]
+    pub schema_name: Option<String>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }

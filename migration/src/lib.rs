@@ -5,6 +5,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261122_000001_identity_tables;
 mod m20261201_000002_membership_role_source;
+mod m20261201_000003_organization_schema_name;
 
 pub struct Migrator;
 
@@ -14,6 +15,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261122_000001_identity_tables::Migration),
             Box::new(m20261201_000002_membership_role_source::Migration),
+            Box::new(m20261201_000003_organization_schema_name::Migration),
         ]
     }
 }

@@ -17,6 +17,10 @@ pub struct IssuerSpec {
     pub issuer: String,
     pub dialect: Dialect,
     pub audiences: Vec<String>,
+    /// Accepted `azp` values (`authorized-party=`).
+    pub authorized_parties: Vec<String>,
+    /// `typ=`: the JOSE header `typ` every token must carry (e.g. `at+jwt`).
+    pub require_typ: Option<String>,
     pub source: KeySource,
     pub tenant_claim: ClaimPath,
     pub roles_claim: ClaimPath,
@@ -71,6 +75,8 @@ impl IssuerRegistry {
                     trust: IssuerTrust {
                         issuer: name,
                         audiences: spec.audiences.clone(),
+                        authorized_parties: spec.authorized_parties.clone(),
+                        require_typ: spec.require_typ.clone(),
                         keys,
                     },
                 })

@@ -14,7 +14,7 @@ pub use policy::{MissingTenant, TenantPolicy};
 pub use tokens::Authenticated;
 
 use crate::identity::{TenantId, map_claims};
-use crate::provision::{Affected, ProvisionError, Provisioned, Provisioner};
+use crate::provision::{Affected, CacheBudget, ProvisionError, Provisioned, Provisioner};
 use policy::Known;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
@@ -58,7 +58,7 @@ fn now_ms() -> i64 {
 impl Gatekeeper {
     pub fn new(
         registry: Arc<IssuerRegistry>,
-        token_cache_size: u64,
+        token_cache: CacheBudget,
         policy: TenantPolicy,
         provisioner: Arc<Provisioner>,
         on_db_error: OnDbError,
@@ -66,7 +66,7 @@ impl Gatekeeper {
         let leeway = registry.verify_options().leeway_secs;
         Self {
             registry,
-            tokens: TokenCache::new(token_cache_size, leeway),
+            tokens: TokenCache::new(token_cache, leeway),
             policy,
             provisioner,
             on_db_error,

@@ -5,6 +5,7 @@
 use super::issuers::Issuer;
 use crate::identity::Identity;
 use crate::oidc::{KeyFingerprint, VerifyError};
+use crate::provision::CacheBudget;
 use moka::Expiry;
 use moka::future::Cache;
 use std::sync::Arc;
@@ -58,11 +59,19 @@ pub struct TokenCache {
     leeway_secs: i64,
 }
 
+impl Authenticated {
+    fn heap_size(&self) -> usize {
+        std::mem::size_of::<Self>() + 32 + self.identity.heap_size()
+    }
+}
+
 impl TokenCache {
-    pub fn new(size: u64, leeway_secs: i64) -> Self {
-        let cache = (size > 0).then(|| {
+    /// Disabled when the budget allows no entries (`--token-cache-size 0`).
+    pub fn new(budget: CacheBudget, leeway_secs: i64) -> Self {
+        let cache = budget.enabled().then(|| {
             Cache::builder()
-                .max_capacity(size)
+                .max_capacity(budget.bytes)
+                .weigher(move |_, v: &Arc<Authenticated>| budget.weigh(v.heap_size()))
                 .expire_after(UntilExp)
                 .support_invalidation_closures()
                 .build()
@@ -132,5 +141,103 @@ impl TokenCache {
         if let Some(c) = &self.cache {
             c.run_pending_tasks().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access::issuers::{IssuerRegistry, IssuerSpec};
+    use crate::identity::{ClaimPath, Dialect, map_claims};
+    use crate::oidc::{IdpClient, KeyCacheOptions, KeySource, VerifyOptions};
+    use std::time::Duration;
+
+    fn issuer() -> Arc<Issuer> {
+        let spec = IssuerSpec {
+            issuer: "https://acme.frontegg.com".into(),
+            dialect: Dialect::Frontegg,
+            audiences: vec![],
+            authorized_parties: vec![],
+            require_typ: None,
+            source: KeySource::Discovery,
+            tenant_claim: ClaimPath::new("tenant_id").unwrap(),
+            roles_claim: ClaimPath::new("roles").unwrap(),
+        };
+        let opts = KeyCacheOptions {
+            refresh_interval: Duration::from_secs(600),
+            refetch_cooldown: Duration::from_secs(5),
+            max_stale: Duration::from_secs(3600),
+            file_poll: Duration::from_secs(5),
+        };
+        let client = IdpClient::new(None, Duration::from_secs(1)).unwrap();
+        let verify = VerifyOptions {
+            leeway_secs: 60,
+            max_token_bytes: 16384,
+        };
+        IssuerRegistry::new(&[spec], &client, &opts, verify, None)
+            .iter()
+            .next()
+            .unwrap()
+            .clone()
+    }
+
+    fn authenticated(issuer: &Arc<Issuer>, i: usize, metadata_bytes: usize) -> Arc<Authenticated> {
+        let claims = serde_json::json!({
+            "sub": format!("user-{i}"), "tenantId": "t", "roles": ["Admin"],
+            "metadata": {"blob": "x".repeat(metadata_bytes)},
+        });
+        let identity = map_claims(
+            issuer.name.clone(),
+            claims.as_object().unwrap(),
+            &issuer.rules,
+        )
+        .unwrap();
+        Arc::new(Authenticated {
+            identity,
+            issuer: issuer.clone(),
+            key: KeyFingerprint::default(),
+            expires_at: crate::oidc::unix_now() + 3600,
+        })
+    }
+
+    #[tokio::test]
+    async fn big_identities_cannot_push_the_cache_past_its_bytes() {
+        let issuer = issuer();
+        let budget = CacheBudget {
+            bytes: 1 << 20,
+            entries: 100_000,
+        };
+        let cache = TokenCache::new(budget, 60);
+        // 500 tokens each carrying 10 KB of Frontegg metadata: 5 MB if counted by entries.
+        for i in 0..500 {
+            let key = token_key(&format!("token-{i}"));
+            cache.insert(key, authenticated(&issuer, i, 10_000)).await;
+        }
+        cache.run_pending_tasks().await;
+        let held = cache.entry_count();
+        assert!(
+            held <= (1 << 20) / 10_000,
+            "{held} entries of 10 KB held in 1 MiB"
+        );
+        assert!(held > 0);
+    }
+
+    #[tokio::test]
+    async fn small_identities_stop_at_the_entry_bound() {
+        let issuer = issuer();
+        let cache = TokenCache::new(
+            CacheBudget {
+                bytes: 1 << 30,
+                entries: 50,
+            },
+            60,
+        );
+        for i in 0..200 {
+            cache
+                .insert(token_key(&format!("t-{i}")), authenticated(&issuer, i, 0))
+                .await;
+        }
+        cache.run_pending_tasks().await;
+        assert!(cache.entry_count() <= 50, "{}", cache.entry_count());
     }
 }

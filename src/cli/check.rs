@@ -18,6 +18,10 @@ impl Report {
         println!("ok    {what}: {detail}");
     }
 
+    fn warn(&mut self, what: &str, detail: &str) {
+        println!("warn  {what}: {detail}");
+    }
+
     fn fail(&mut self, what: &str, detail: &str, next: &str) {
         self.failures += 1;
         println!("FAIL  {what}: {detail}\n      next step: {next}");
@@ -89,6 +93,12 @@ pub async fn run(args: &ServeArgs, db: &DatabaseArgs) -> ExitCode {
             for issuer in registry.iter() {
                 let keys = issuer.keys();
                 let what = format!("issuer {} ({})", issuer.name, issuer.rules.dialect.as_str());
+                if issuer.trust.audiences.is_empty() && issuer.trust.authorized_parties.is_empty() {
+                    report.warn(
+                        &what,
+                        "neither audience= nor authorized-party= is set: a token this issuer minted for any client (an ID token too) is accepted; add authorized-party=<your client id> (Keycloak) or audience=<API>",
+                    );
+                }
                 match keys.load_now().await {
                     Ok(set) => {
                         let via = match (keys.source(), keys.discovered_jwks_uri().await) {

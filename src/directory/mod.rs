@@ -4,8 +4,8 @@
 
 use crate::identity::RoleSource;
 use crate::provision::audit::{self, AuditKind, Event};
-use crate::provision::naming;
 use crate::provision::store::write_transaction;
+use crate::provision::{naming, schemas};
 use chrono::{DateTime, Utc};
 use entity::{audit_events, memberships, organizations, users};
 use sea_orm::{
@@ -176,6 +176,20 @@ impl Directory {
         {
             return Err(DirectoryError::Conflict(format!("slug {slug} is taken")));
         }
+        // An organization made ahead of its first user gets its schema now, as sync would give it.
+        let schema_name = match &self.tenant_schema {
+            Some(t) if txn.get_database_backend() == sea_orm::DatabaseBackend::Postgres => Some(
+                schemas::name_for(t, &slug, id)
+                    .map_err(|e| DirectoryError::Invalid(e.to_string()))?,
+            ),
+            _ => None,
+        };
+        if let Some(schema) = &schema_name {
+            schemas::create(&txn, schema).await.map_err(|e| match e {
+                schemas::SchemaError::Db(db) => DirectoryError::Db(db),
+                other => DirectoryError::Conflict(other.to_string()),
+            })?;
+        }
         let org = organizations::ActiveModel {
             id: Set(id.to_owned()),
             issuer: Set(issuer.to_owned()),
@@ -183,6 +197,7 @@ impl Directory {
             slug: Set(slug),
             is_active: Set(true),
             metadata: Set(None),
+            schema_name: Set(schema_name),
             created_at: Set(now),
             updated_at: Set(now),
         }
@@ -194,7 +209,7 @@ impl Directory {
             AuditKind::OrganizationCreated,
             None,
             Some(id),
-            json!({"name": name, "slug": org.slug}),
+            json!({"name": name, "slug": org.slug, "schema": org.schema_name}),
         )
         .await?;
         txn.commit().await?;
@@ -279,16 +294,8 @@ impl Directory {
         organizations::Entity::delete_by_id(id.to_owned())
             .exec(&txn)
             .await?;
-        let mut schema = None;
-        if let Some(template) = &self.tenant_schema
-            && txn.get_database_backend() == sea_orm::DatabaseBackend::Postgres
-        {
-            let name = naming::schema_name(template, &org.slug, &org.id)
-                .map_err(DirectoryError::Invalid)?;
-            txn.execute_unprepared(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
-                .await?;
-            schema = Some(name);
-        }
+        // Only the schema this organization records: never one recomputed from a name.
+        let schema = schemas::drop_recorded(&txn, &org).await?;
         self.audit(
             &txn,
             actor,

@@ -24,6 +24,8 @@ pub struct ApiState {
     pub gatekeeper: Arc<Gatekeeper>,
     pub admin_token: Option<Arc<String>>,
     pub app_roles: Arc<Vec<String>>,
+    /// The admin listener's bound address: without a token, only requests addressed to it are served.
+    pub admin_addr: std::net::SocketAddr,
 }
 
 type AdminState = ApiState;
@@ -80,7 +82,16 @@ fn routes() -> Router<ApiState> {
 }
 
 /// Requires `Authorization: Bearer <admin token>` when a token is configured; compared in constant time.
+/// Without one (loopback only), a browser is what an attacker would use to reach the API: a page on
+/// another site posting a form (CSRF), or a name of the attacker's that resolves to 127.0.0.1 (DNS
+/// rebinding). So the request must be addressed to the admin listener itself (`Host`), come from it if
+/// it names an origin, and change things only with a JSON body, which no form can send cross-site.
 pub async fn require_token(State(state): State<AdminState>, req: Request, next: Next) -> Response {
+    if state.admin_token.is_none()
+        && let Err(why) = same_origin_json(&req, state.admin_addr)
+    {
+        return ApiError::Forbidden("forbidden_origin", why.into()).into_response();
+    }
     if let Some(expected) = &state.admin_token {
         let given = req
             .headers()
@@ -96,6 +107,53 @@ pub async fn require_token(State(state): State<AdminState>, req: Request, next: 
         }
     }
     next.run(req).await
+}
+
+fn same_origin_json(req: &Request, admin: std::net::SocketAddr) -> Result<(), &'static str> {
+    let port = admin.port();
+    let hosts = [
+        admin.to_string(),
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        format!("[::1]:{port}"),
+    ];
+    let h = req.headers();
+    let host = h
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .ok_or("the admin API needs a Host header naming the admin address")?;
+    if !hosts.iter().any(|a| a.eq_ignore_ascii_case(host)) {
+        return Err("the admin API answers only requests addressed to the admin listener");
+    }
+    if let Some(origin) = h.get(header::ORIGIN) {
+        let ok = origin
+            .to_str()
+            .ok()
+            .and_then(|o| o.strip_prefix("http://"))
+            .is_some_and(|o| hosts.iter().any(|a| a.eq_ignore_ascii_case(o)));
+        if !ok {
+            return Err("cross-origin requests to the admin API are refused");
+        }
+    }
+    if h.get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|s| s == "cross-site" || s == "same-site")
+    {
+        return Err("cross-site requests to the admin API are refused");
+    }
+    let mutating = !matches!(
+        *req.method(),
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+    );
+    let json = h
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if mutating && !json {
+        return Err("changes through the admin API must be sent as application/json");
+    }
+    Ok(())
 }
 
 fn actor(headers: &HeaderMap) -> String {

@@ -1,5 +1,9 @@
 //! The headers idsync owns: stripped from every incoming request, then set from the verified identity.
 //! Pure functions over a `HeaderMap`, so the security-critical list is unit-tested on its own.
+//!
+//! Names are compared canonically: lowercase (HTTP names are case-insensitive) and with `_` folded to
+//! `-`, because CGI, WSGI and Rack servers fold both into one `HTTP_X_USER_ID` variable (the Puma
+//! CVE-2024-45614 class): `X_User_Id: evil` must never reach an app next to the real `X-User-Id`.
 
 use crate::access::Admission;
 use crate::provision::Provisioned;
@@ -31,11 +35,20 @@ pub struct HeaderNames {
     pub tenant_ids: HeaderName,
     pub tenant_slug: HeaderName,
     pub tenant_schema: HeaderName,
-    /// `<prefix>Idsync-Synced` and friends live under this lowercase prefix.
+    /// `<prefix>Idsync-Synced` and friends live under these prefixes (canonical form).
     idsync_prefixes: Vec<String>,
-    /// Everything stripped by exact name: the configured set, and the default `X-` set too, so an app
+    /// Every owned name in canonical form: the configured set, and the default `X-` set too, so an app
     /// that still reads `X-User-Id` after a prefix change cannot be fed a client's copy.
-    strip_exact: Vec<HeaderName>,
+    owned: Vec<String>,
+}
+
+/// The form names are compared in: lowercase, `_` folded to `-`. Borrows when nothing needs folding.
+pub fn canonical(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.bytes().any(|b| b == b'_' || b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(name.to_ascii_lowercase().replace('_', "-"))
+    } else {
+        std::borrow::Cow::Borrowed(name)
+    }
 }
 
 impl HeaderNames {
@@ -44,18 +57,19 @@ impl HeaderNames {
             HeaderName::try_from(format!("{prefix}{suffix}"))
                 .map_err(|_| "does not make valid header names".to_string())
         };
-        let mut strip_exact = Vec::new();
+        let mut owned = Vec::new();
         for p in [prefix, DEFAULT_PREFIX] {
             for suffix in OWNED {
                 let n = HeaderName::try_from(format!("{p}{suffix}"))
                     .map_err(|_| "does not make valid header names".to_string())?;
-                if !strip_exact.contains(&n) {
-                    strip_exact.push(n);
+                let n = canonical(n.as_str()).into_owned();
+                if !owned.contains(&n) {
+                    owned.push(n);
                 }
             }
         }
-        let mut idsync_prefixes = vec![format!("{prefix}idsync-").to_ascii_lowercase()];
-        if !prefix.eq_ignore_ascii_case(DEFAULT_PREFIX) {
+        let mut idsync_prefixes = vec![canonical(&format!("{prefix}idsync-")).into_owned()];
+        if canonical(prefix) != canonical(DEFAULT_PREFIX) {
             idsync_prefixes.push("x-idsync-".into());
         }
         Ok(Self {
@@ -69,18 +83,19 @@ impl HeaderNames {
             tenant_slug: name("Tenant-Slug")?,
             tenant_schema: name("Tenant-Schema")?,
             idsync_prefixes,
-            strip_exact,
+            owned,
         })
     }
 
-    /// Whether `name` is one idsync sets, under the configured prefix or the default one.
-    fn owns(&self, name: &HeaderName) -> bool {
-        let s = name.as_str();
-        self.strip_exact.iter().any(|n| n.as_str() == s)
+    /// Whether `name`, in any spelling (case, `_` for `-`), is one idsync sets, under the configured
+    /// prefix or the default one.
+    pub fn owns(&self, name: &str) -> bool {
+        let name = canonical(name);
+        self.owned.iter().any(|n| *n == name)
             || self
                 .idsync_prefixes
                 .iter()
-                .any(|p| s.starts_with(p.as_str()))
+                .any(|p| name.starts_with(p.as_str()))
     }
 
     pub fn idsync(&self, suffix: &str) -> HeaderName {
@@ -91,14 +106,53 @@ impl HeaderNames {
         ))
         .expect("prefix validated at construction")
     }
+
+    /// Every owned header in its canonical spelling (for proxies that must be told which to clear).
+    pub fn all_owned(&self) -> impl Iterator<Item = &str> {
+        self.owned.iter().map(String::as_str)
+    }
 }
 
-/// Removes every header idsync owns. Runs first, on every request, authenticated or not. One pass over
-/// the handful of headers a client sent, rather than a hash lookup for each of the 18 owned names; the
-/// list to remove stays empty (no allocation) on an honest request.
+/// Removes every header idsync owns, and applies the client's hop-by-hop list now, before anything is
+/// injected. Runs first, on every request, authenticated or not.
+///
+/// RFC 9110 section 7.6.1 makes every header `Connection` names hop-by-hop; removed after injection, a
+/// client's `Connection: X-User-Id` would delete what idsync set. So the named headers go here, and
+/// `Connection` keeps only `upgrade` (what the proxy needs to splice an upgrade). One pass over the
+/// handful of headers a client sent; the list to remove stays empty (no allocation) on an honest request.
 pub fn strip(headers: &mut HeaderMap, names: &HeaderNames) {
-    let owned: Vec<HeaderName> = headers.keys().filter(|k| names.owns(k)).cloned().collect();
-    for n in owned {
+    let mut remove: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| names.owns(k.as_str()))
+        .cloned()
+        .collect();
+    let mut upgrade = false;
+    let mut nominated = false;
+    for value in headers.get_all(http::header::CONNECTION) {
+        for token in value.to_str().unwrap_or_default().split(',') {
+            let token = token.trim();
+            if token.eq_ignore_ascii_case("upgrade") {
+                upgrade = true;
+                continue;
+            }
+            nominated = true;
+            if let Ok(n) = HeaderName::try_from(token)
+                && !matches!(n.as_str(), "keep-alive" | "close")
+            {
+                remove.push(n);
+            }
+        }
+    }
+    if nominated {
+        headers.remove(http::header::CONNECTION);
+        if upgrade {
+            headers.insert(
+                http::header::CONNECTION,
+                HeaderValue::from_static("upgrade"),
+            );
+        }
+    }
+    for n in remove {
         headers.remove(n);
     }
 }
@@ -218,6 +272,74 @@ mod tests {
         strip(&mut h, &HeaderNames::new("X-").unwrap());
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["accept"], "text/html");
+    }
+
+    #[test]
+    fn underscore_and_case_twins_of_owned_names_are_stripped() {
+        let names = HeaderNames::new("X-").unwrap();
+        let mut h = HeaderMap::new();
+        for n in [
+            "x_user_id",
+            "X_Tenant_Id",
+            "x-user_role",
+            "x_idsync_synced",
+            "X_IDSYNC-Whatever",
+        ] {
+            h.append(
+                HeaderName::try_from(n).unwrap(),
+                HeaderValue::from_static("evil"),
+            );
+        }
+        h.insert("x_request_id", HeaderValue::from_static("kept: not ours"));
+        strip(&mut h, &names);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(names.owns("X_USER_ID") && names.owns("x-tenant_ids"));
+        assert!(!names.owns("x-user-idx") && !names.owns("x_request_id"));
+    }
+
+    #[test]
+    fn connection_cannot_name_an_injected_header_away() {
+        let names = HeaderNames::new("X-").unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-User-Id, x_tenant_id, X-Trace, Upgrade"),
+        );
+        h.insert("x-trace", HeaderValue::from_static("hop"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        strip(&mut h, &names);
+        assert_eq!(
+            h[http::header::CONNECTION],
+            "upgrade",
+            "only the upgrade token is left"
+        );
+        assert!(
+            h.get("x-trace").is_none(),
+            "a nominated header is hop-by-hop"
+        );
+        assert_eq!(h["upgrade"], "websocket");
+        let view = Provisioned {
+            user_id: Some("u-1".into()),
+            tenant_id: Some("t-1".into()),
+            synced: false,
+            ..Default::default()
+        };
+        set_identity(&mut h, &names, &view, &[], std::iter::empty());
+        // What the proxy does next: hop-by-hop removal by the (now clean) Connection header.
+        let listed: Vec<String> = h
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .flat_map(|v| {
+                v.to_str()
+                    .unwrap()
+                    .split(',')
+                    .map(|t| t.trim().to_ascii_lowercase())
+            })
+            .collect();
+        assert!(listed.iter().all(|t| !names.owns(t)), "{listed:?}");
+        assert_eq!(h["x-user-id"], "u-1");
+        assert_eq!(h["x-idsync-synced"], "false");
     }
 
     #[test]

@@ -7,7 +7,9 @@ pub mod admin_api;
 pub mod auth;
 pub mod cors;
 pub mod error;
+pub mod forwarded;
 pub mod headers;
+pub mod paths;
 pub mod proxy;
 pub mod server;
 
@@ -32,8 +34,11 @@ pub struct AppState {
     pub gatekeeper: Arc<Gatekeeper>,
     pub upstream: proxy::Upstream,
     pub names: HeaderNames,
-    /// Path prefixes proxied without a token (still stripped).
+    /// Path prefixes proxied without a token (still stripped), canonical (`paths`).
     pub skip_auth: Vec<String>,
+    /// The one header a proxy in front carries the original URI in, for forward-auth (`/.idsync/auth`);
+    /// without it, forward-auth never treats a path as public.
+    pub forward_auth_uri_header: Option<http::HeaderName>,
     pub directory: Arc<Directory>,
     pub cors: cors::CorsPolicy,
 }
@@ -58,6 +63,8 @@ impl LogIdentity {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/.idsync/auth", any(forward_auth))
+        // Envoy ext_authz (HTTP service) appends the original path to its `path_prefix`.
+        .route("/.idsync/auth/{*rest}", any(forward_auth))
         .route("/.idsync/me", get(me))
         .route("/.idsync/tenant", get(tenant))
         // The namespace is idsync's: an unknown path here is never proxied to the app.
@@ -160,10 +167,10 @@ async fn active_tenant(
 async fn pipeline(
     state: &AppState,
     headers: &mut HeaderMap,
-    path: Option<&str>,
+    path: Option<&paths::RequestPath>,
 ) -> Result<Option<Admission>, ApiError> {
     let asks = auth::take_and_strip(headers, &state.names)?;
-    if path.is_some_and(|p| is_public(&state.skip_auth, p)) {
+    if path.is_some_and(|p| paths::is_public(&state.skip_auth, p)) {
         return Ok(None);
     }
     let token = auth::bearer_token(headers)?;
@@ -179,7 +186,10 @@ async fn reverse_proxy(
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     mut req: Request,
 ) -> Response {
-    let path = req.uri().path().to_owned();
+    let path = match paths::canonical(req.uri().path()) {
+        Ok(p) => p,
+        Err(e) => return ApiError::InvalidRequest(e.to_string()).into_response(),
+    };
     let admitted = match pipeline(&state, req.headers_mut(), Some(&path)).await {
         Ok(a) => a,
         Err(e) => return e.into_response(),
@@ -187,7 +197,8 @@ async fn reverse_proxy(
     if let Some(a) = &admitted {
         headers::inject(req.headers_mut(), &state.names, a);
     }
-    let mut response = match state.upstream.forward(req, client).await {
+    let valid_until = admitted.as_ref().map(|a| a.authenticated.expires_at);
+    let mut response = match state.upstream.forward(req, client, valid_until).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
@@ -197,20 +208,33 @@ async fn reverse_proxy(
     response
 }
 
-/// Forward-auth for ingress-nginx `auth-url`, Traefik ForwardAuth and Envoy ext_authz (HTTP): the same
-/// pipeline, answering 200 with the identity headers instead of proxying.
+/// Forward-auth for nginx `auth_request` / ingress-nginx `auth-url`, Traefik ForwardAuth and Envoy
+/// ext_authz (HTTP service): the same pipeline, answering exactly 200 (Envoy takes any other 2xx as a
+/// denial) with the identity headers instead of proxying, any method.
 async fn forward_auth(State(state): State<Arc<AppState>>, mut req: Request) -> Response {
-    let original = ["x-original-uri", "x-forwarded-uri"]
-        .iter()
-        .find_map(|h| req.headers().get(*h).and_then(|v| v.to_str().ok()))
-        .map(|uri| uri.split('?').next().unwrap_or("/").to_owned())
-        .unwrap_or_else(|| "/".to_owned());
-    match pipeline(&state, req.headers_mut(), Some(&original)).await {
+    let original = match original_uri(&state, &req) {
+        Ok(o) => o,
+        Err(e) => return e.into_response(),
+    };
+    match pipeline(&state, req.headers_mut(), original.as_ref()).await {
         Err(e) => e.into_response(),
         Ok(admitted) => {
             let mut response = (StatusCode::OK, Body::empty()).into_response();
+            let h = response.headers_mut();
             if let Some(a) = &admitted {
-                headers::inject(response.headers_mut(), &state.names, a);
+                headers::inject(h, &state.names, a);
+            }
+            // Envoy copies only the headers an answer carries, leaving a client's copies of the others
+            // in place: name every owned header this answer does not set, for Envoy to remove.
+            let unset: Vec<&str> = state
+                .names
+                .all_owned()
+                .filter(|n| !h.contains_key(*n))
+                .collect();
+            if let Ok(v) = http::HeaderValue::from_str(&unset.join(",")) {
+                h.insert("x-envoy-auth-headers-to-remove", v);
+            }
+            if let Some(a) = &admitted {
                 response.extensions_mut().insert(LogIdentity::of(a));
             }
             response
@@ -218,27 +242,32 @@ async fn forward_auth(State(state): State<Arc<AppState>>, mut req: Request) -> R
     }
 }
 
-/// Whether `path` falls under a skip-auth prefix. A path with dot-segments or encoded `.`/`/` never
-/// matches: the upstream may normalise `/public/../admin` into `/admin`, which must not skip auth.
-pub fn is_public(prefixes: &[String], path: &str) -> bool {
-    if prefixes.is_empty() {
-        return false;
+/// The original request's path, for skip-auth: from Envoy's request line (`/.idsync/auth/<path>`) or
+/// from the one header the operator named; never from a header the client could have chosen instead.
+fn original_uri(state: &AppState, req: &Request) -> Result<Option<paths::RequestPath>, ApiError> {
+    let bad = |e: paths::PathError| ApiError::InvalidRequest(format!("original URI: {e}"));
+    if let Some(rest) = req.uri().path().strip_prefix("/.idsync/auth/") {
+        let path = format!("/{rest}");
+        return paths::canonical(&path).map(Some).map_err(bad);
     }
-    let lower = path.to_ascii_lowercase();
-    let ambiguous = lower.contains("%2e")
-        || lower.contains("%2f")
-        || lower.contains("%5c")
-        || lower.contains('\\')
-        || path.split('/').any(|seg| seg == "." || seg == "..")
-        || path.contains("//");
-    if ambiguous {
-        return false;
-    }
-    prefixes.iter().any(|p| {
-        path == p
-            || (path.starts_with(p.as_str())
-                && (p.ends_with('/') || path.as_bytes().get(p.len()) == Some(&b'/')))
-    })
+    let Some(name) = &state.forward_auth_uri_header else {
+        return Ok(None);
+    };
+    let mut values = req.headers().get_all(name).iter();
+    let value = match (values.next(), values.next()) {
+        (None, _) => return Ok(None),
+        (Some(v), None) => v,
+        (Some(_), Some(_)) => {
+            return Err(ApiError::InvalidRequest(format!(
+                "several {name} headers were sent"
+            )));
+        }
+    };
+    let uri = value
+        .to_str()
+        .map_err(|_| ApiError::InvalidRequest(format!("{name} is not ASCII text")))?;
+    let path = uri.split(['?', '#']).next().unwrap_or_default();
+    paths::canonical(path).map(Some).map_err(bad)
 }
 
 /// One structured line per request; the query string is never logged (it may carry secrets).
@@ -268,34 +297,4 @@ async fn access_log(req: Request, next: Next) -> Response {
         "request"
     );
     response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_public;
-
-    #[test]
-    fn skip_auth_matches_whole_segments_only() {
-        let p = vec!["/public".to_string(), "/assets/".to_string()];
-        assert!(is_public(&p, "/public"));
-        assert!(is_public(&p, "/public/logo.png"));
-        assert!(is_public(&p, "/assets/app.js"));
-        assert!(!is_public(&p, "/publicity"));
-        assert!(!is_public(&p, "/api"));
-    }
-
-    #[test]
-    fn skip_auth_never_matches_paths_that_normalise_elsewhere() {
-        let p = vec!["/public".to_string()];
-        for path in [
-            "/public/../admin",
-            "/public/%2e%2e/admin",
-            "/public/..%2Fadmin",
-            "/public//x",
-            "/public/./x",
-            "/public\\..\\admin",
-        ] {
-            assert!(!is_public(&p, path), "{path}");
-        }
-    }
 }

@@ -1,5 +1,7 @@
 //! Forwarding to the upstream app: streaming bodies both ways, hop-by-hop headers removed
-//! (RFC 9110 section 7.6.1), `X-Forwarded-*` set, HTTP/1.1 upgrades (WebSocket) spliced through.
+//! (RFC 9110 section 7.6.1), forwarding headers set (`forwarded`), WebSocket upgrades spliced through
+//! until the token that opened them expires. Other `Upgrade` protocols are not tunnelled: the request
+//! goes on as a plain one.
 
 use super::error::ApiError;
 use axum::body::Body;
@@ -14,6 +16,9 @@ use std::time::Duration;
 
 pub struct Upstream {
     client: Client<HttpConnector, Body>,
+    trusted: super::forwarded::TrustedProxies,
+    /// The longest a WebSocket tunnel stays open, token or not (`None`: only the token's `exp` bounds it).
+    websocket_max_lifetime: Option<Duration>,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     /// Path prefix of the upstream URL, without a trailing slash.
@@ -37,6 +42,8 @@ impl Upstream {
         url: &url::Url,
         connect_timeout: Duration,
         response_timeout: Duration,
+        trusted: super::forwarded::TrustedProxies,
+        websocket_max_lifetime: Option<Duration>,
     ) -> Result<Self, http::uri::InvalidUri> {
         let authority = http::uri::Authority::try_from(url.authority())?;
         let scheme = http::uri::Scheme::HTTP;
@@ -49,6 +56,8 @@ impl Upstream {
             .build(connector);
         Ok(Self {
             client,
+            trusted,
+            websocket_max_lifetime,
             scheme,
             authority,
             base_path: url.path().trim_end_matches('/').to_owned(),
@@ -56,11 +65,14 @@ impl Upstream {
         })
     }
 
-    /// Forwards `req` (whose owned headers are already stripped and injected) and returns the upstream's answer.
+    /// Forwards `req` (whose owned headers are already stripped and injected) and returns the upstream's
+    /// answer. `valid_until` (Unix seconds) is the `exp` of the token that admitted the request: a
+    /// WebSocket it opens is closed then.
     pub async fn forward(
         &self,
         mut req: Request<Body>,
         client_addr: SocketAddr,
+        valid_until: Option<i64>,
     ) -> Result<Response<Body>, ApiError> {
         let upgrade = upgrade_protocol(req.headers());
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
@@ -72,7 +84,6 @@ impl Upstream {
             .path_and_query(format!("{}{}", self.base_path, path_and_query))
             .build()
             .map_err(|e| ApiError::InvalidRequest(format!("cannot build the upstream URI: {e}")))?;
-        let original_host = req.headers().get(header::HOST).cloned();
         *req.uri_mut() = uri;
         // The pool speaks HTTP/1.1; an HTTP/2 client request is re-spoken as 1.1 upstream.
         *req.version_mut() = Version::HTTP_11;
@@ -82,7 +93,7 @@ impl Upstream {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, proto.clone());
         }
-        set_forwarded(headers, client_addr, original_host);
+        super::forwarded::apply(headers, &self.trusted, client_addr);
         ensure_request_id(headers);
 
         let started = std::time::Instant::now();
@@ -104,14 +115,26 @@ impl Upstream {
             && let Some(client_upgrade) = client_upgrade
         {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
+            let lifetime = self.tunnel_lifetime(valid_until);
             tokio::spawn(async move {
                 match tokio::try_join!(client_upgrade, upstream_upgrade) {
                     Ok((client, upstream)) => {
-                        let _ = tokio::io::copy_bidirectional(
-                            &mut TokioIo::new(client),
-                            &mut TokioIo::new(upstream),
-                        )
-                        .await;
+                        let (mut client, mut upstream) =
+                            (TokioIo::new(client), TokioIo::new(upstream));
+                        let splice = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+                        match lifetime {
+                            None => {
+                                let _ = splice.await;
+                            }
+                            Some(d) => {
+                                if tokio::time::timeout(d, splice).await.is_err() {
+                                    tracing::info!(
+                                        "WebSocket closed: the token that opened it expired"
+                                    );
+                                    metrics::counter!("idsync_websocket_closed_total", "reason" => "expired").increment(1);
+                                }
+                            }
+                        }
                     }
                     Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
                 }
@@ -125,7 +148,21 @@ impl Upstream {
     }
 }
 
-/// The `Upgrade` protocol if this is an upgrade request (`Connection: upgrade` plus `Upgrade`).
+impl Upstream {
+    /// How long a tunnel may stay open: until the token's `exp`, and no longer than the configured maximum.
+    fn tunnel_lifetime(&self, valid_until: Option<i64>) -> Option<Duration> {
+        let by_token = valid_until.map(|exp| {
+            Duration::from_secs(exp.saturating_sub(crate::oidc::unix_now()).max(0) as u64)
+        });
+        match (by_token, self.websocket_max_lifetime) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// `websocket` if this is a WebSocket upgrade request (`Connection: upgrade` plus `Upgrade: websocket`);
+/// any other protocol is not spliced (its `Upgrade` is dropped with the hop-by-hop headers).
 fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     let wants = headers
         .get_all(header::CONNECTION)
@@ -133,11 +170,14 @@ fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    if wants {
-        headers.get(header::UPGRADE).cloned()
-    } else {
-        None
-    }
+    let websocket = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
+        });
+    (wants && websocket).then(|| HeaderValue::from_static("websocket"))
 }
 
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
@@ -154,26 +194,6 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
-}
-
-fn set_forwarded(headers: &mut HeaderMap, client: SocketAddr, host: Option<HeaderValue>) {
-    let ip = client.ip().to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
-        _ => ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
-    }
-    // Behind an ingress these already describe the original request; only fill in what is missing.
-    if !headers.contains_key("x-forwarded-proto") {
-        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    }
-    if !headers.contains_key("x-forwarded-host")
-        && let Some(host) = host
-    {
-        headers.insert("x-forwarded-host", host);
-    }
 }
 
 /// Keeps a client's `X-Request-Id` if it is short printable text, else generates one, so the app's logs
@@ -211,21 +231,6 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_for_is_appended_and_proto_kept_from_the_ingress() {
-        let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
-        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
-        set_forwarded(
-            &mut h,
-            "10.0.0.5:4000".parse().unwrap(),
-            Some(HeaderValue::from_static("app.example.com")),
-        );
-        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 10.0.0.5");
-        assert_eq!(h["x-forwarded-proto"], "https");
-        assert_eq!(h["x-forwarded-host"], "app.example.com");
-    }
-
-    #[test]
     fn websocket_upgrade_is_recognised() {
         let mut h = HeaderMap::new();
         h.insert(
@@ -234,6 +239,12 @@ mod tests {
         );
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         assert_eq!(upgrade_protocol(&h).unwrap(), "websocket");
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        assert!(
+            upgrade_protocol(&h).is_none(),
+            "only WebSocket is tunnelled"
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("WebSocket"));
         h.remove(header::CONNECTION);
         assert!(upgrade_protocol(&h).is_none());
     }

@@ -162,6 +162,31 @@ impl Identity {
             .map(|(_, n)| n.as_str())
     }
 
+    /// An estimate of the heap memory this identity holds (strings, lists, metadata), for byte-bounded caches.
+    pub fn heap_size(&self) -> usize {
+        let opt = |s: &Option<String>| s.as_ref().map_or(0, String::capacity);
+        let ids = |v: &[TenantId]| v.iter().map(|t| t.as_str().len() + 16).sum::<usize>();
+        opt(&self.email)
+            + opt(&self.name)
+            + opt(&self.username)
+            + opt(&self.given_name)
+            + opt(&self.family_name)
+            + opt(&self.avatar_url)
+            + self.subject.as_ref().map_or(0, |s| s.as_str().len())
+            + self.tenant.as_ref().map_or(0, |t| t.as_str().len())
+            + ids(&self.tenants)
+            + self
+                .tenant_names
+                .iter()
+                .map(|(t, n)| t.as_str().len() + n.capacity() + 40)
+                .sum::<usize>()
+            + self.roles.iter().map(|r| r.capacity() + 24).sum::<usize>()
+            + self.permissions.iter().map(|r| r.capacity() + 24).sum::<usize>()
+            + self.tenant_sources.iter().map(|r| r.capacity() + 24).sum::<usize>()
+            // serde_json keeps a map node per key and a String per value: about twice the text size.
+            + self.metadata.as_ref().map_or(0, |m| m.to_string().len() * 2)
+    }
+
     /// Whether the token lets the caller act in `tenant` (its own tenant or one of its listed tenants).
     pub fn allows_tenant(&self, tenant: &str) -> bool {
         self.tenant.as_ref().is_some_and(|t| t.as_str() == tenant)

@@ -5,7 +5,7 @@ use super::keys::KeySet;
 use super::source::{FetchError, IdpClient, JwksFetch, KeySource};
 use arc_swap::ArcSwapOption;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use url::Url;
 
@@ -83,6 +83,10 @@ pub struct IssuerKeys {
     generation: AtomicU64,
     refresh: tokio::sync::Mutex<RefreshState>,
     last_error: std::sync::Mutex<Option<FetchError>>,
+    /// An unknown `kid` arrived during the cooldown: the background task refetches once it ends, so a key
+    /// published right after a flood of forged ones (or a typo) waits at most one cooldown.
+    deferred: AtomicBool,
+    wake: tokio::sync::Notify,
 }
 
 impl IssuerKeys {
@@ -105,6 +109,8 @@ impl IssuerKeys {
                 etag: None,
             }),
             last_error: std::sync::Mutex::new(None),
+            deferred: AtomicBool::new(false),
+            wake: tokio::sync::Notify::new(),
         }
     }
 
@@ -158,6 +164,9 @@ impl IssuerKeys {
         {
             metrics::counter!("idsync_jwks_refetch_suppressed_total", "issuer" => self.issuer.clone())
                 .increment(1);
+            if !self.deferred.swap(true, Ordering::AcqRel) {
+                self.wake.notify_one();
+            }
             return false;
         }
         self.load(&mut state, trigger).await.is_ok()
@@ -288,7 +297,8 @@ impl IssuerKeys {
     }
 
     /// The background task: load with backoff until the first success, then refresh on schedule
-    /// (retrying sooner while the source fails). Runs until aborted.
+    /// (retrying sooner while the source fails), and run the refetch deferred by the cooldown as soon as
+    /// it ends. Runs until aborted.
     pub async fn run(self: Arc<Self>) {
         let period = match self.source {
             KeySource::File(_) => self.opts.file_poll,
@@ -310,7 +320,24 @@ impl IssuerKeys {
                 backoff = (backoff * 2).min(Duration::from_secs(60));
                 d
             };
-            tokio::time::sleep(delay).await;
+            let next = tokio::time::Instant::now() + delay;
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep_until(next) => break,
+                    () = self.wake.notified() => self.run_deferred().await,
+                }
+            }
+        }
+    }
+
+    /// Waits out the cooldown, then makes the one refetch the suppressed unknown `kid`s asked for.
+    async fn run_deferred(&self) {
+        let since = self.refresh.lock().await.last_on_demand;
+        if let Some(t) = since {
+            tokio::time::sleep(self.opts.refetch_cooldown.saturating_sub(t.elapsed())).await;
+        }
+        if self.deferred.swap(false, Ordering::AcqRel) {
+            self.refetch(self.generation(), Trigger::UnknownKid).await;
         }
     }
 }

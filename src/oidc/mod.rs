@@ -27,6 +27,11 @@ pub struct IssuerTrust {
     pub issuer: Arc<str>,
     /// Accepted `aud` values; empty means `aud` is not checked.
     pub audiences: Vec<String>,
+    /// Accepted `azp` values (the client the token was issued to); empty means `azp` is not checked.
+    pub authorized_parties: Vec<String>,
+    /// When set, the JOSE header `typ` must be this (RFC 9068 access tokens say `at+jwt`), so an ID token
+    /// cannot pass as an access token.
+    pub require_typ: Option<String>,
     pub keys: Arc<IssuerKeys>,
 }
 
@@ -106,6 +111,10 @@ pub enum VerifyError {
     IssuedInFuture,
     #[error("token audience is not accepted")]
     Audience,
+    #[error("token was issued to a client that is not accepted (`azp`)")]
+    AuthorizedParty,
+    #[error("token header `typ` is not `{0}`")]
+    TokenType(String),
     #[error("claim `{0}` {1}")]
     InvalidClaim(&'static str, String),
     #[error("cannot verify tokens: {0}")]
@@ -121,8 +130,16 @@ pub async fn verify(
     opts: &VerifyOptions,
 ) -> Result<VerifiedToken, VerifyError> {
     let parts = &token.parts;
-    let alg = parts.header.alg;
     let kid = parts.header.kid.as_deref();
+    if let Some(want) = &trust.require_typ
+        && !parts
+            .header
+            .typ
+            .as_deref()
+            .is_some_and(|t| t.eq_ignore_ascii_case(want))
+    {
+        return Err(VerifyError::TokenType(want.clone()));
+    }
 
     let mut generation = trust.keys.generation();
     let mut keys = match trust.keys.usable() {
@@ -137,8 +154,20 @@ pub async fn verify(
     if !keys.has_kid(kid) && trust.keys.refetch(generation, Trigger::UnknownKid).await {
         keys = trust.keys.usable().map_err(VerifyError::KeysUnavailable)?;
     }
+    let key = check_signature(&keys, parts)?;
+    let claims = parse_claims(&parts.payload)?;
+    let expires_at = check_claims(trust, &claims, now, opts)?;
+    Ok(VerifiedToken {
+        key,
+        expires_at,
+        claims,
+    })
+}
+
+/// The key of `keys` whose signature over `parts` holds, under the algorithm policy.
+fn check_signature(keys: &KeySet, parts: &token::Parts<'_>) -> Result<KeyFingerprint, VerifyError> {
+    let (alg, kid) = (parts.header.alg, parts.header.kid.as_deref());
     let mut tried = false;
-    let mut valid = None;
     for key in keys.candidates(kid, alg) {
         tried = true;
         if jsonwebtoken::crypto::verify(
@@ -149,27 +178,23 @@ pub async fn verify(
         )
         .unwrap_or(false)
         {
-            valid = Some(key.fingerprint);
-            break;
+            return Ok(key.fingerprint);
         }
     }
-    if !tried {
-        return Err(if keys.has_kid(kid) {
-            VerifyError::Algorithm(format!("algorithm {alg:?} is not allowed for this key"))
-        } else {
-            VerifyError::UnknownKey
-        });
-    }
-    let Some(key) = valid else {
-        return Err(VerifyError::BadSignature);
-    };
-    let claims = parse_claims(&parts.payload)?;
-    let expires_at = check_claims(trust, &claims, now, opts)?;
-    Ok(VerifiedToken {
-        key,
-        expires_at,
-        claims,
+    Err(if tried {
+        VerifyError::BadSignature
+    } else if keys.has_kid(kid) {
+        VerifyError::Algorithm(format!("algorithm {alg:?} is not allowed for this key"))
+    } else {
+        VerifyError::UnknownKey
     })
+}
+
+/// The signature layer alone: whether `jws` (compact) is signed by a key of `keys` under idsync's
+/// header and algorithm policy. No claim is read; for test vectors whose payloads are not claim sets.
+pub fn verify_signature(keys: &KeySet, jws: &str) -> Result<KeyFingerprint, VerifyError> {
+    let parts = token::split(jws, usize::MAX)?;
+    check_signature(keys, &parts)
 }
 
 /// For a cached verification: the issuer still has usable keys and still publishes the very key that
@@ -216,6 +241,12 @@ fn check_claims(
         };
         if !ok {
             return Err(VerifyError::Audience);
+        }
+    }
+    if !trust.authorized_parties.is_empty() {
+        let azp = claims.get("azp").and_then(Value::as_str);
+        if !azp.is_some_and(|a| trust.authorized_parties.iter().any(|x| x == a)) {
+            return Err(VerifyError::AuthorizedParty);
         }
     }
     Ok(exp)
@@ -270,6 +301,7 @@ impl VerifyError {
                 | Self::NotYetValid
                 | Self::IssuedInFuture
                 | Self::Audience
+                | Self::AuthorizedParty
                 | Self::InvalidClaim(..)
         )
     }

@@ -24,6 +24,8 @@ struct RawHeader {
 pub struct Header {
     pub alg: Algorithm,
     pub kid: Option<String>,
+    /// `typ` without an `application/` prefix, as given (`JWT` or `at+jwt`, any case).
+    pub typ: Option<String>,
 }
 
 /// A token split into its parts; `payload` is decoded bytes, not yet parsed.
@@ -101,17 +103,19 @@ fn parse_header(bytes: &[u8]) -> Result<Header, VerifyError> {
             "header `crit` names extensions idsync does not support".into(),
         ));
     }
-    if let Some(typ) = raw.typ {
-        let ok = typ.as_str().is_some_and(|t| {
-            let t = t.strip_prefix("application/").unwrap_or(t);
-            t.eq_ignore_ascii_case("JWT") || t.eq_ignore_ascii_case("at+jwt")
-        });
-        if !ok {
-            return Err(VerifyError::Malformed(
-                "header `typ` is neither `JWT` nor `at+jwt`".into(),
-            ));
+    let typ = match raw.typ {
+        None => None,
+        Some(typ) => {
+            let t = typ
+                .as_str()
+                .map(|t| t.strip_prefix("application/").unwrap_or(t))
+                .filter(|t| t.eq_ignore_ascii_case("JWT") || t.eq_ignore_ascii_case("at+jwt"))
+                .ok_or_else(|| {
+                    VerifyError::Malformed("header `typ` is neither `JWT` nor `at+jwt`".into())
+                })?;
+            Some(t.to_owned())
         }
-    }
+    };
     let kid = match raw.kid {
         None | Some(serde_json::Value::Null) => None,
         Some(serde_json::Value::String(k)) if k.len() <= MAX_KID_BYTES => Some(k),
@@ -124,7 +128,7 @@ fn parse_header(bytes: &[u8]) -> Result<Header, VerifyError> {
             ));
         }
     };
-    Ok(Header { alg, kid })
+    Ok(Header { alg, kid, typ })
 }
 
 /// The asymmetric algorithms idsync verifies. `none` and HMAC are refused by name: an HMAC "signature"
@@ -139,7 +143,8 @@ fn parse_alg(alg: &str) -> Result<Algorithm, VerifyError> {
         "PS512" => Algorithm::PS512,
         "ES256" => Algorithm::ES256,
         "ES384" => Algorithm::ES384,
-        "EdDSA" => Algorithm::EdDSA,
+        // RFC 9864 names the Ed25519 instance of EdDSA `Ed25519`; keys pin it to Ed25519 keys either way.
+        "EdDSA" | "Ed25519" => Algorithm::EdDSA,
         a if a.eq_ignore_ascii_case("none") => {
             return Err(VerifyError::Algorithm(
                 "unsigned tokens (alg `none`) are refused".into(),

@@ -6,6 +6,7 @@
 pub mod audit;
 mod last_seen;
 pub mod naming;
+pub mod schemas;
 pub mod store;
 
 use crate::identity::{Identity, RolePlan, RoleSource, StoredMembership};
@@ -23,11 +24,37 @@ use store::{StoreError, SyncRequest};
 
 pub use store::{Refusal, TenantTarget};
 
+/// A cache's bound: at most `bytes` of (estimated) memory and at most `entries` entries. Each entry
+/// weighs its size, but never less than `bytes / entries`, so moka's one weight bound enforces both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheBudget {
+    pub bytes: u64,
+    pub entries: u64,
+}
+
+impl CacheBudget {
+    /// moka's overhead per entry (measured with benches/memory.rs: about 290 bytes for a bare entry).
+    pub const ENTRY_OVERHEAD: usize = 290;
+
+    pub fn enabled(&self) -> bool {
+        self.bytes > 0 && self.entries > 0
+    }
+
+    /// The weight moka is given for an entry holding `bytes`.
+    pub fn weigh(&self, bytes: usize) -> u32 {
+        let floor = self.bytes / self.entries.max(1);
+        (bytes as u64 + Self::ENTRY_OVERHEAD as u64)
+            .max(floor)
+            .min(u32::MAX as u64) as u32
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct SyncOptions {
     /// `--tenant-schema` template, PostgreSQL only.
     pub tenant_schema: Option<String>,
-    pub cache_size: u64,
+    /// The sync cache's bound; the membership cache gets a tenth of it.
+    pub cache: CacheBudget,
     /// How long a synced identity is trusted without asking the database again; bounds how long an
     /// operator's change made through another replica takes to reach this one.
     pub cache_ttl: Duration,
@@ -115,6 +142,24 @@ struct Cached {
     last_login: Stamp,
 }
 
+impl Cached {
+    fn heap_size(&self) -> usize {
+        let p = &self.provisioned;
+        let opt = |s: &Option<String>| s.as_ref().map_or(0, String::capacity);
+        std::mem::size_of::<Self>()
+            + std::mem::size_of::<Provisioned>()
+            + 32
+            + opt(&p.user_id)
+            + opt(&p.email)
+            + opt(&p.name)
+            + opt(&p.tenant_id)
+            + opt(&p.tenant_name)
+            + opt(&p.tenant_slug)
+            + opt(&p.tenant_schema)
+            + opt(&p.role)
+    }
+}
+
 /// A membership lookup's answer, remembered with the ids it is about (for invalidation).
 struct Membership {
     user: String,
@@ -149,18 +194,26 @@ pub struct Provisioner {
 
 impl Provisioner {
     pub fn new(db: DatabaseConnection, opts: SyncOptions) -> Self {
+        let budget = opts.cache;
         let synced = Cache::builder()
-            .max_capacity(opts.cache_size)
+            .max_capacity(if budget.enabled() { budget.bytes } else { 0 })
+            .weigher(move |_, v: &Arc<Cached>| budget.weigh(v.heap_size()))
             .time_to_live(opts.cache_ttl)
             .support_invalidation_closures()
             .build();
+        let small = CacheBudget {
+            bytes: budget.bytes / 10,
+            entries: budget.entries,
+        };
         let members = Cache::builder()
-            .max_capacity(opts.cache_size)
+            .max_capacity(small.bytes)
+            .weigher(move |_, m: &Arc<Membership>| small.weigh(m.user.len() + m.tenant.len() + 96))
             .expire_after(MembershipExpiry(opts.cache_ttl))
             .support_invalidation_closures()
             .build();
         let refusals = Cache::builder()
-            .max_capacity(opts.cache_size)
+            .max_capacity(small.bytes)
+            .weigher(move |_, (u, t): &(String, String)| small.weigh(u.len() + t.len() + 48))
             .time_to_live(REFUSAL_AUDIT_WINDOW)
             .support_invalidation_closures()
             .build();

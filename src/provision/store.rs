@@ -6,6 +6,7 @@
 
 use super::audit::{self, ACTOR, AuditKind, Event};
 use super::naming;
+use super::schemas::{self, SchemaError};
 use crate::identity::{Identity, RolePlan, RoleSource};
 use chrono::{DateTime, Utc};
 use entity::{memberships, organizations, users};
@@ -69,6 +70,15 @@ pub enum StoreError {
     Naming(String),
     #[error(transparent)]
     Db(#[from] DbErr),
+}
+
+impl From<SchemaError> for StoreError {
+    fn from(e: SchemaError) -> Self {
+        match e {
+            SchemaError::Db(db) => Self::Db(db),
+            other => Self::Naming(other.to_string()),
+        }
+    }
 }
 
 pub async fn sync(
@@ -170,18 +180,17 @@ async fn sync_in<'r>(
         (None, _) => None,
         (Some(_), Some(existing)) => Some(existing),
         (Some(target), None) => {
-            let (org, created) = insert_organization(txn, target, issuer, req.now).await?;
+            let (org, created) =
+                insert_organization(txn, target, issuer, req.tenant_schema, req.now).await?;
             if created {
                 events.push(ev(
                     AuditKind::OrganizationCreated,
-                    json!({"name": org.name, "slug": org.slug}),
+                    json!({"name": org.name, "slug": org.slug, "schema": org.schema_name}),
                 ));
-                if let Some(template) = req.tenant_schema {
-                    let schema = naming::schema_name(template, &org.slug, &org.id)
-                        .map_err(StoreError::Naming)?;
-                    // The name is validated against ^[a-z_][a-z0-9_]{0,62}$ above; quoting is belt and braces.
-                    txn.execute_unprepared(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
-                        .await?;
+                if let Some(schema) = &org.schema_name {
+                    schemas::create(txn, schema)
+                        .await
+                        .map_err(StoreError::from)?;
                 }
             }
             Some(org)
@@ -244,12 +253,8 @@ async fn sync_in<'r>(
         _ => None,
     };
 
-    let schema = match (req.tenant_schema, &organization) {
-        (Some(template), Some(org)) => {
-            Some(naming::schema_name(template, &org.slug, &org.id).map_err(StoreError::Naming)?)
-        }
-        _ => None,
-    };
+    // Forwarded only when the organization records it (and so owns it).
+    let schema = organization.as_ref().and_then(|o| o.schema_name.clone());
     Ok((
         SyncOutcome {
             user,
@@ -361,9 +366,14 @@ async fn insert_organization(
     txn: &impl ConnectionTrait,
     target: &TenantTarget,
     issuer: &str,
+    tenant_schema: Option<&str>,
     now: DateTime<Utc>,
 ) -> Result<(organizations::Model, bool), StoreError> {
     for slug in naming::slug_candidates(&target.name, &target.id) {
+        let schema_name = match tenant_schema {
+            Some(t) => Some(schemas::name_for(t, &slug, &target.id)?),
+            None => None,
+        };
         let row = organizations::ActiveModel {
             id: Set(target.id.clone()),
             issuer: Set(issuer.to_owned()),
@@ -371,6 +381,7 @@ async fn insert_organization(
             slug: Set(slug),
             is_active: Set(true),
             metadata: Set(None),
+            schema_name: Set(schema_name),
             created_at: Set(now),
             updated_at: Set(now),
         };

@@ -211,13 +211,37 @@ impl TestApp {
         let mut req = self
             .http
             .request(method, format!("{}/admin/v1{path}", self.app.admin_url()))
-            .header("X-Admin-Actor", "alice");
+            .header("X-Admin-Actor", "alice")
+            .header("content-type", "application/json");
         if let Some(b) = body {
             req = req.json(&b);
         }
         let r = req.send().await.unwrap();
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Sends `GET <path>` exactly as written (HTTP clients normalise `..` and `%2e` away before sending)
+    /// and returns the status.
+    pub async fn raw_get(&self, path: &str, token: Option<&str>) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.app.proxy_addr)
+            .await
+            .unwrap();
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: app\r\n{auth}Connection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        let head = String::from_utf8_lossy(&out);
+        head.split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
     }
 
     pub async fn metrics(&self) -> String {

@@ -384,6 +384,58 @@ async fn admin_api_requires_the_token_when_configured() {
     assert_eq!(ready.status(), 200, "probes need no token");
 }
 
+#[tokio::test]
+async fn without_a_token_the_admin_api_refuses_cross_site_and_rebound_requests() {
+    let t = app().start().await;
+    let token = t.issuer.mint(t.issuer.claims_for("victim"));
+    assert_eq!(t.get_with_token("/", &token).await.status(), 200);
+    let url = format!("{}/admin/v1/users/victim/deactivate", t.app.admin_url());
+    // A page on another site posting a form at the loopback admin port.
+    let r = t
+        .http
+        .post(&url)
+        .header("Origin", "https://evil.example")
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body("x=1")
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, 403, "forbidden_origin").await;
+    // The same form without an Origin (older browsers, some navigations): not JSON, refused.
+    let r = t
+        .http
+        .post(&url)
+        .header("Content-Type", "text/plain")
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, 403, "forbidden_origin").await;
+    // DNS rebinding: the attacker's name resolving to 127.0.0.1, so the Host is theirs.
+    let r = t
+        .http
+        .get(format!("{}/admin/v1/users", t.app.admin_url()))
+        .header("Host", "rebind.evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, 403, "forbidden_origin").await;
+    assert_eq!(
+        t.get_with_token("/", &token).await.status(),
+        200,
+        "none of those changed anything"
+    );
+    // The operator's own call, as curl or the CLI would make it.
+    let r = t
+        .http
+        .post(&url)
+        .header("Content-Type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_error(t.get_with_token("/", &token).await, 403, "user_inactive").await;
+}
+
 #[test]
 fn a_non_loopback_admin_port_without_a_token_file_refuses_to_start() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_idsync"))

@@ -143,13 +143,14 @@ fn migrate_subcommand_applies_and_reports_migrations() {
     let status = run("status");
     assert!(status.contains("applied  m20261122_000001_identity_tables"));
     assert!(status.contains("applied  m20261201_000002_membership_role_source"));
+    assert!(status.contains("applied  m20261201_000003_organization_schema_name"));
     run("down");
     let status = run("status");
     assert!(
-        status.contains("applied  m20261122_000001_identity_tables"),
+        status.contains("applied  m20261201_000002_membership_role_source"),
         "down reverts one"
     );
-    assert!(status.contains("pending  m20261201_000002_membership_role_source"));
+    assert!(status.contains("pending  m20261201_000003_organization_schema_name"));
 }
 
 /// docs/configuration.md is the `--help` text of every command; this fails when they drift.

@@ -734,6 +734,7 @@ async fn an_id_owned_by_another_issuer_is_never_merged(db: TestDb) {
         slug: Set("f".into()),
         is_active: Set(true),
         metadata: Set(None),
+        schema_name: Set(None),
         created_at: Set(now),
         updated_at: Set(now),
     }
