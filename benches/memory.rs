@@ -67,6 +67,9 @@ async fn main() {
             source: KeySource::File(path),
             tenant_claim: ClaimPath::new("tenant_id").unwrap(),
             roles_claim: ClaimPath::new("roles").unwrap(),
+            id_prefix: None,
+            logout_audiences: vec![],
+            webhook_secret: None,
         }],
         &IdpClient::new(None, Duration::from_secs(5)).unwrap(),
         &KeyCacheOptions {
@@ -161,7 +164,7 @@ async fn main() {
         let plan = policy::decide(&id.identity, target, Known::Nothing, &tenant_policy)
             .unwrap()
             .plan;
-        provisioner.sync(&id.identity, &plan).await.unwrap();
+        provisioner.sync(&id.identity, &plan, None).await.unwrap();
     }
     let after_sync = live() - held_by_vec;
     // Give moka's deferred housekeeping a chance, then measure again: what stays is what is held.

@@ -40,6 +40,7 @@ fn rules(dialect: Dialect) -> MappingRules {
         dialect,
         tenant_claim: ClaimPath::new("tenant_id").unwrap(),
         roles_claim: ClaimPath::new("roles").unwrap(),
+        id_prefix: None,
     }
 }
 
@@ -67,6 +68,9 @@ async fn registry(
         source: KeySource::File(path),
         tenant_claim: ClaimPath::new("tenant_id").unwrap(),
         roles_claim: ClaimPath::new("roles").unwrap(),
+        id_prefix: None,
+        logout_audiences: vec![],
+        webhook_secret: None,
     };
     let client = IdpClient::new(None, Duration::from_secs(5)).unwrap();
     let opts = VerifyOptions {
@@ -416,9 +420,10 @@ fn sync_cache_hit(bencher: Bencher) {
     )
     .unwrap()
     .plan;
-    f.rt.block_on(f.provisioner.sync(&identity, &plan)).unwrap();
+    f.rt.block_on(f.provisioner.sync(&identity, &plan, None))
+        .unwrap();
     bencher.bench(|| {
-        f.rt.block_on(f.provisioner.sync(divan::black_box(&identity), &plan))
+        f.rt.block_on(f.provisioner.sync(divan::black_box(&identity), &plan, None))
             .unwrap()
     });
 }

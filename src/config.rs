@@ -57,11 +57,15 @@ pub struct ServeArgs {
 
     /// A trusted issuer (repeatable; in the environment, separate several with `;`):
     /// URL[,dialect=keycloak|frontegg|generic][,audience=AUD]...[,authorized-party=CLIENT]...[,typ=at+jwt]
-    /// [,jwks-uri=URL][,key-file=PATH][,tenant-claim=PATH][,roles-claim=PATH]. The dialect defaults to
-    /// keycloak when the URL path contains /realms/, else generic. audience= checks `aud`;
-    /// authorized-party= checks `azp` (the client the token was issued to: with neither, a token issued
-    /// to any client of the issuer passes); typ=at+jwt requires RFC 9068 access tokens. jwks-uri skips
-    /// discovery; key-file reads a local JWKS or PEM file (re-read when it changes) instead of the network.
+    /// [,jwks-uri=URL][,key-file=PATH][,tenant-claim=PATH][,roles-claim=PATH][,id-prefix=STR]
+    /// [,logout-audience=CLIENT]...[,webhook-secret-file=PATH]. The dialect defaults to keycloak when
+    /// the URL path contains /realms/, else generic. audience= checks `aud`; authorized-party= checks `azp`
+    /// (the client the token was issued to: with neither, a token issued to any client of the issuer
+    /// passes); typ=at+jwt requires RFC 9068 access tokens. jwks-uri skips discovery; key-file reads a local
+    /// JWKS or PEM file (re-read when it changes) instead of the network. id-prefix= stores and forwards
+    /// this issuer's user and tenant ids as STR + the IdP's id (two issuers with overlapping ids can share
+    /// one database). logout-audience= enables OIDC back-channel logout for tokens addressed to that
+    /// client id; webhook-secret-file= holds the secret the IdP signs its webhooks with (docs/lifecycle.md).
     #[arg(long = "issuer", env = "IDSYNC_ISSUER", value_delimiter = ';')]
     pub issuers: Vec<String>,
 
@@ -190,6 +194,11 @@ pub struct ServeArgs {
     /// peer those headers are replaced with what idsync itself saw.
     #[arg(long, env = "IDSYNC_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<String>,
+
+    /// How long a back-channel logout keeps the session (or user) it ended refused: at least the lifetime
+    /// of the IdP's access tokens.
+    #[arg(long, env = "IDSYNC_LOGOUT_RETENTION", default_value = "24h")]
+    pub logout_retention: String,
 
     /// The longest a WebSocket stays open, token or not (e.g. 1h; 0 = no bound beyond the token). A
     /// WebSocket is always closed when the token that opened it expires.
@@ -347,6 +356,7 @@ pub struct Settings {
     pub policy: TenantPolicy,
     pub sync: SyncOptions,
     pub on_db_error: OnDbError,
+    pub logout_retention: Duration,
 }
 
 /// Parses `500ms`, `30s`, `10m`, `24h`, `7d`, or a bare number of seconds.
@@ -546,6 +556,7 @@ impl ServeArgs {
         );
         let policy = self.policy(p);
         let sync = self.sync(database_url.as_ref(), cache_bytes, p);
+        let logout_retention = p.duration("--logout-retention", &self.logout_retention);
         let on_db_error = p.choice(
             "--on-db-error",
             &self.on_db_error,
@@ -587,6 +598,7 @@ impl ServeArgs {
             policy: policy?,
             sync: sync?,
             on_db_error: on_db_error?,
+            logout_retention: logout_retention?,
         })
     }
 
@@ -673,6 +685,22 @@ impl ServeArgs {
             ) {
                 Ok(i) if issuers.iter().any(|x| x.issuer == i.issuer) => {
                     p.push(format!("--issuer: `{}` is configured twice", i.issuer));
+                }
+                // A webhook is routed to the issuer whose secret verifies it: a shared secret would let
+                // one IdP's events change another's rows.
+                Ok(i)
+                    if i.webhook_secret.as_ref().is_some_and(|s| {
+                        issuers.iter().any(|x| {
+                            x.webhook_secret
+                                .as_ref()
+                                .is_some_and(|o| o.expose() == s.expose())
+                        })
+                    }) =>
+                {
+                    p.push(format!(
+                        "--issuer `{}`: its webhook-secret-file holds the same secret as another issuer's; give each issuer its own",
+                        i.issuer
+                    ));
                 }
                 Ok(i) => issuers.push(i),
                 Err(errs) => {
@@ -842,7 +870,7 @@ fn check_fetch_url(what: &str, raw: &str, allow_insecure: bool) -> Result<Url, S
     }
 }
 
-fn parse_issuer(
+pub fn parse_issuer(
     spec: &str,
     allow_insecure: bool,
     tenant: &ClaimPath,
@@ -858,6 +886,9 @@ fn parse_issuer(
     let mut audiences = Vec::new();
     let mut authorized_parties = Vec::new();
     let mut require_typ = None;
+    let mut id_prefix = None;
+    let mut logout_audiences = Vec::new();
+    let mut webhook_secret = None;
     let mut jwks_uri = None;
     let mut key_file = None;
     let mut tenant_claim = tenant.clone();
@@ -874,6 +905,27 @@ fn parse_issuer(
             },
             "audience" | "aud" => audiences.push(v.to_owned()),
             "authorized-party" | "azp" => authorized_parties.push(v.to_owned()),
+            "logout-audience" => logout_audiences.push(v.to_owned()),
+            "id-prefix" => {
+                if v.is_empty() || v.len() > 64 || v.chars().any(|c| c.is_control()) {
+                    errors.push(format!("id-prefix `{v}` must be 1-64 printable characters"));
+                } else {
+                    id_prefix = Some(v.to_owned());
+                }
+            }
+            "webhook-secret-file" => match std::fs::read(v) {
+                Ok(bytes) => {
+                    let secret = bytes.trim_ascii().to_vec();
+                    if secret.len() < 16 {
+                        errors.push(format!(
+                            "webhook-secret-file {v}: the secret must be at least 16 bytes"
+                        ));
+                    } else {
+                        webhook_secret = Some(crate::access::WebhookSecret::new(secret));
+                    }
+                }
+                Err(e) => errors.push(format!("webhook-secret-file {v}: {e}")),
+            },
             "typ" => match v.strip_prefix("application/").unwrap_or(v) {
                 t if t.eq_ignore_ascii_case("at+jwt") || t.eq_ignore_ascii_case("JWT") => {
                     require_typ = Some(t.to_owned())
@@ -902,7 +954,7 @@ fn parse_issuer(
                 Ok(c) => roles_claim = c,
                 Err(e) => errors.push(e),
             },
-            other => errors.push(format!("unknown option `{other}` (known: dialect, audience, authorized-party, typ, jwks-uri, key-file, tenant-claim, roles-claim)")),
+            other => errors.push(format!("unknown option `{other}` (known: dialect, audience, authorized-party, typ, jwks-uri, key-file, tenant-claim, roles-claim, id-prefix, logout-audience, webhook-secret-file)")),
         }
     }
     if jwks_uri.is_some() && key_file.is_some() {
@@ -932,6 +984,9 @@ fn parse_issuer(
         source,
         tenant_claim,
         roles_claim,
+        id_prefix,
+        logout_audiences,
+        webhook_secret,
     })
 }
 
@@ -988,6 +1043,48 @@ mod tests {
         assert!(matches!(s.issuers[1].source, KeySource::JwksUri(_)));
         assert_eq!(s.key_cache.refetch_cooldown, Duration::from_secs(5));
         assert_eq!(s.verify.leeway_secs, 60);
+    }
+
+    #[test]
+    fn two_issuers_may_not_share_a_webhook_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, "one-secret-of-twenty-bytes").unwrap();
+        std::fs::write(&b, "one-secret-of-twenty-bytes\n").unwrap();
+        let spec = |realm: &str, file: &std::path::Path| {
+            format!(
+                "https://sso.example.com/realms/{realm},webhook-secret-file={}",
+                file.display()
+            )
+        };
+        let errs = args(&[
+            "--upstream",
+            "http://127.0.0.1:3000",
+            "--issuer",
+            &spec("a", &a),
+            "--issuer",
+            &spec("b", &b),
+        ])
+        .validate()
+        .unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("same secret as another issuer")),
+            "{errs:?}"
+        );
+        std::fs::write(&b, "another-secret-of-20-bytes").unwrap();
+        assert!(
+            args(&[
+                "--upstream",
+                "http://127.0.0.1:3000",
+                "--issuer",
+                &spec("a", &a),
+                "--issuer",
+                &spec("b", &b),
+            ])
+            .validate()
+            .is_ok()
+        );
     }
 
     #[test]

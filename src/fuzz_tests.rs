@@ -85,7 +85,7 @@ proptest! {
 
     #[test]
     fn identity_mapping_never_panics_and_respects_its_limits(c in claims(), dialect in prop::sample::select(vec![Dialect::Generic, Dialect::Keycloak, Dialect::Frontegg])) {
-        let rules = MappingRules { dialect, tenant_claim: ClaimPath::new("tenant_id").unwrap(), roles_claim: ClaimPath::new("roles").unwrap() };
+        let rules = MappingRules { dialect, tenant_claim: ClaimPath::new("tenant_id").unwrap(), roles_claim: ClaimPath::new("roles").unwrap(), id_prefix: None };
         if let Ok(id) = map_claims("https://issuer.example.com", &c, &rules) {
             prop_assert!(id.roles.len() <= crate::identity::MAX_LIST_ITEMS);
             prop_assert!(id.tenants.len() <= crate::identity::MAX_LIST_ITEMS);

@@ -33,6 +33,10 @@ async fn main() -> ExitCode {
         Some(Command::Users(cmd)) => return cli::run_users(cmd, db).await,
         Some(Command::Memberships(cmd)) => return cli::run_memberships(cmd, db).await,
         Some(Command::Healthcheck(args)) => return cli::healthcheck(args).await,
+        Some(Command::Reconcile(args)) => {
+            idsync::telemetry::init(LogFormat::Text, "warn");
+            return cli::reconcile(*args, db).await;
+        }
         None => cli.serve,
     };
     let settings = match cli::settings_or_exit(&args, db) {

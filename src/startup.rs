@@ -1,7 +1,7 @@
 //! The composition root: the one place that reads all of [`Settings`], connects the database, runs
 //! migrations, builds the key caches and the pipeline, binds both listeners and owns background tasks.
 
-use crate::access::{Gatekeeper, IssuerRegistry, OnDbError};
+use crate::access::{Gatekeeper, IssuerRegistry, LifecycleOptions, OnDbError};
 use crate::config::Settings;
 use crate::directory::Directory;
 use crate::http::admin::{self, AdminState};
@@ -79,6 +79,26 @@ pub async fn connect_database(
         .with_context(|| format!("cannot connect to the database {}", settings.database_url))
 }
 
+/// Reloads the revocation set now and then (a safety net under the change notices, and the only way
+/// revocations made elsewhere reach a replica on SQLite) and purges expired rows.
+async fn keep_revocations(gatekeeper: Arc<Gatekeeper>) {
+    let mut ticks = 0u64;
+    loop {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        gatekeeper.reload_revocations().await;
+        ticks += 1;
+        if ticks.is_multiple_of(20)
+            && let Err(e) = crate::provision::revocations::purge(
+                gatekeeper.provisioner().db(),
+                chrono::Utc::now(),
+            )
+            .await
+        {
+            tracing::debug!(error = %e, "could not purge expired revocations");
+        }
+    }
+}
+
 /// Migrations per `--migrate`: applied (auto), or checked to be applied (skip); then tenant schemas made
 /// before names were recorded are recorded.
 async fn prepare_schema(
@@ -154,13 +174,42 @@ impl Application {
             None,
         ));
         background.extend(registry.spawn_key_refresh());
-        let gatekeeper = Arc::new(Gatekeeper::new(
-            registry,
-            settings.token_cache,
-            settings.policy.clone(),
-            provisioner.clone(),
-            settings.on_db_error,
-        ));
+        let lifecycle = LifecycleOptions {
+            logout_retention: chrono::Duration::from_std(settings.logout_retention)
+                .unwrap_or(chrono::Duration::hours(24)),
+            tenant_schema: settings.sync.tenant_schema.clone(),
+            ..LifecycleOptions::default()
+        };
+        let origin = lifecycle.origin.clone();
+        let gatekeeper = Arc::new(
+            Gatekeeper::new(
+                registry,
+                settings.token_cache,
+                settings.policy.clone(),
+                provisioner.clone(),
+                settings.on_db_error,
+            )
+            .with_lifecycle(lifecycle),
+        );
+        gatekeeper.reload_revocations().await;
+        background.push(tokio::spawn(keep_revocations(gatekeeper.clone())));
+        if !settings.database_url.is_sqlite() {
+            // Changes made on other replicas (or by the CLI) reach this one within a second.
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            background.push(tokio::spawn(crate::provision::notify::listen(
+                settings.database_url.expose().to_owned(),
+                origin,
+                move |heard| {
+                    let _ = tx.send(heard);
+                },
+            )));
+            let listener = gatekeeper.clone();
+            background.push(tokio::spawn(async move {
+                while let Some(heard) = rx.recv().await {
+                    listener.heard(heard).await;
+                }
+            }));
+        }
         let upstream = Upstream::new(
             &settings.upstream,
             settings.upstream_connect_timeout,

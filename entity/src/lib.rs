@@ -4,11 +4,13 @@
 pub mod audit_events;
 pub mod memberships;
 pub mod organizations;
+pub mod revocations;
 pub mod users;
 
 pub mod prelude {
     pub use super::audit_events::Entity as AuditEvents;
     pub use super::memberships::Entity as Memberships;
     pub use super::organizations::Entity as Organizations;
+    pub use super::revocations::Entity as Revocations;
     pub use super::users::Entity as Users;
 }

@@ -19,6 +19,16 @@ pub struct Model {
     #[sea_orm(column_type = "JsonBinary")]
     pub idp_roles: Json,
     pub is_active: bool,
+    /// When the last IdP lifecycle event (webhook, reconcile) applied to this row happened; an older one
+    /// arriving later is ignored.
+    pub lifecycle_at: Option<DateTimeUtc>,
+    /// Who set `is_active` false: `idp` (a webhook or reconcile) or `operator`. The IdP's events
+    /// reactivate only what the IdP deactivated.
+    pub deactivated_by: Option<String>,
+    /// Where the row came from: `idp` (a token, webhook or reconcile), `idsync` (a personal or default
+    /// organization) or `operator` (admin API or CLI). Reconcile deactivates only `idp` rows the IdP no
+    /// longer has.
+    pub origin: String,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }

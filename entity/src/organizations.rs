@@ -19,6 +19,16 @@ pub struct Model {
     /// The PostgreSQL schema idsync created for this tenant (`--tenant-schema`), if any; unique.
     #[sea_orm(unique)]
     pub schema_name: Option<String>,
+    /// When the last IdP lifecycle event (webhook, reconcile) applied to this row happened; an older one
+    /// arriving later is ignored.
+    pub lifecycle_at: Option<DateTimeUtc>,
+    /// Who set `is_active` false: `idp` (a webhook or reconcile) or `operator`. The IdP's events
+    /// reactivate only what the IdP deactivated.
+    pub deactivated_by: Option<String>,
+    /// Where the row came from: `idp` (a token, webhook or reconcile), `idsync` (a personal or default
+    /// organization) or `operator` (admin API or CLI). Reconcile deactivates only `idp` rows the IdP no
+    /// longer has.
+    pub origin: String,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }

@@ -21,6 +21,12 @@ pub struct Model {
     pub idp_roles: Json,
     pub is_active: bool,
     pub last_login_at: Option<DateTimeUtc>,
+    /// When the last IdP lifecycle event (webhook, reconcile) applied to this row happened; an older one
+    /// arriving later is ignored.
+    pub lifecycle_at: Option<DateTimeUtc>,
+    /// Who set `is_active` false: `idp` (a webhook or reconcile) or `operator`. The IdP's events
+    /// reactivate only what the IdP deactivated.
+    pub deactivated_by: Option<String>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }

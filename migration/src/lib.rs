@@ -6,6 +6,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261122_000001_identity_tables;
 mod m20261201_000002_membership_role_source;
 mod m20261201_000003_organization_schema_name;
+mod m20261201_000004_lifecycle;
 
 pub struct Migrator;
 
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000001_identity_tables::Migration),
             Box::new(m20261201_000002_membership_role_source::Migration),
             Box::new(m20261201_000003_organization_schema_name::Migration),
+            Box::new(m20261201_000004_lifecycle::Migration),
         ]
     }
 }

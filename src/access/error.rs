@@ -14,6 +14,9 @@ pub enum TokenRejection {
     Verify(VerifyError),
     #[error("{0}")]
     Identity(#[from] IdentityError),
+    /// The token's session (or every session of its user) was logged out at the IdP.
+    #[error("the session ended: it was logged out at the identity provider")]
+    SessionEnded,
 }
 
 /// Why an authenticated caller may not act (403). Each has a stable code.

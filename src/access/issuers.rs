@@ -4,8 +4,8 @@
 
 use crate::identity::{ClaimPath, Dialect, MappingRules};
 use crate::oidc::{
-    IdpClient, IssuerKeys, IssuerTrust, KeyCacheOptions, KeySource, ParsedToken, VerifiedToken,
-    VerifyError, VerifyOptions,
+    IdpClient, IssuerKeys, IssuerTrust, KeyCacheOptions, KeySource, ParsedToken, Purpose,
+    VerifiedToken, VerifyError, VerifyOptions,
 };
 use std::sync::Arc;
 use tokio::task::JoinHandle;
@@ -24,6 +24,32 @@ pub struct IssuerSpec {
     pub source: KeySource,
     pub tenant_claim: ClaimPath,
     pub roles_claim: ClaimPath,
+    /// `id-prefix=`: put before this issuer's user and tenant ids.
+    pub id_prefix: Option<String>,
+    /// `logout-audience=`: client ids a back-channel logout token may be addressed to; none, no logout.
+    pub logout_audiences: Vec<String>,
+    /// `webhook-secret-file=`: the shared secret the IdP signs its webhooks with.
+    pub webhook_secret: Option<WebhookSecret>,
+}
+
+/// A webhook signing secret; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookSecret(Vec<u8>);
+
+impl WebhookSecret {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for WebhookSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WebhookSecret(REDACTED)")
+    }
 }
 
 /// A trusted issuer.
@@ -32,6 +58,8 @@ pub struct Issuer {
     pub name: Arc<str>,
     pub rules: MappingRules,
     pub trust: IssuerTrust,
+    pub logout_audiences: Vec<String>,
+    pub webhook_secret: Option<WebhookSecret>,
 }
 
 impl Issuer {
@@ -71,7 +99,10 @@ impl IssuerRegistry {
                         dialect: spec.dialect,
                         tenant_claim: spec.tenant_claim.clone(),
                         roles_claim: spec.roles_claim.clone(),
+                        id_prefix: spec.id_prefix.as_deref().map(Into::into),
                     },
+                    logout_audiences: spec.logout_audiences.clone(),
+                    webhook_secret: spec.webhook_secret.clone(),
                     trust: IssuerTrust {
                         issuer: name,
                         audiences: spec.audiences.clone(),
@@ -106,8 +137,8 @@ impl IssuerRegistry {
         &self.verify
     }
 
-    /// Verifies `token` against the issuer its `iss` names; a token from any other issuer is refused
-    /// without any network call.
+    /// Verifies an access token against the issuer its `iss` names; a token from any other issuer is
+    /// refused without any network call.
     pub async fn verify(
         &self,
         token: &str,
@@ -118,7 +149,28 @@ impl IssuerRegistry {
             .get(parsed.issuer())
             .ok_or(VerifyError::UnknownIssuer)?
             .clone();
-        let verified = crate::oidc::verify(&issuer.trust, &parsed, now, &self.verify).await?;
+        let verified =
+            crate::oidc::verify(&issuer.trust, &parsed, now, &self.verify, Purpose::Access).await?;
+        Ok((issuer, verified))
+    }
+
+    /// Verifies a back-channel logout token the same way (same routing, keys and algorithms), addressed
+    /// to one of the issuer's `logout-audience` client ids.
+    pub async fn verify_logout(
+        &self,
+        token: &str,
+        now: i64,
+    ) -> Result<(Arc<Issuer>, VerifiedToken), VerifyError> {
+        let parsed = ParsedToken::parse(token, self.verify.max_token_bytes)?;
+        let issuer = self
+            .get(parsed.issuer())
+            .ok_or(VerifyError::UnknownIssuer)?
+            .clone();
+        let purpose = Purpose::Logout {
+            audiences: &issuer.logout_audiences,
+        };
+        let verified =
+            crate::oidc::verify(&issuer.trust, &parsed, now, &self.verify, purpose).await?;
         Ok((issuer, verified))
     }
 }

@@ -5,11 +5,14 @@
 
 pub mod error;
 pub mod issuers;
+pub mod lifecycle;
 pub mod policy;
+pub mod revocation;
 pub mod tokens;
 
 pub use error::{AccessError, Refusal, TokenRejection};
-pub use issuers::{Issuer, IssuerRegistry, IssuerSpec};
+pub use issuers::{Issuer, IssuerRegistry, IssuerSpec, WebhookSecret};
+pub use lifecycle::{Delivered, LifecycleError, LoggedOut};
 pub use policy::{MissingTenant, TenantPolicy};
 pub use tokens::Authenticated;
 
@@ -36,12 +39,36 @@ pub struct Admission {
     pub view: Arc<Provisioned>,
 }
 
+/// How lifecycle changes are handled.
+#[derive(Clone, Debug)]
+pub struct LifecycleOptions {
+    /// How long a revoked session or user stays revoked: as long as tokens issued before the logout
+    /// may still be presented (`--logout-retention`).
+    pub logout_retention: chrono::Duration,
+    /// `--tenant-schema`, for organizations an IdP event creates.
+    pub tenant_schema: Option<String>,
+    /// This process, in change notices (so it skips its own).
+    pub origin: String,
+}
+
+impl Default for LifecycleOptions {
+    fn default() -> Self {
+        Self {
+            logout_retention: chrono::Duration::hours(24),
+            tenant_schema: None,
+            origin: uuid::Uuid::new_v4().to_string(),
+        }
+    }
+}
+
 pub struct Gatekeeper {
     registry: Arc<IssuerRegistry>,
     tokens: TokenCache,
     policy: TenantPolicy,
     provisioner: Arc<Provisioner>,
     on_db_error: OnDbError,
+    revocations: revocation::RevocationSet,
+    lifecycle: LifecycleOptions,
     /// Pass mode only: until when (ms since the epoch) the database is not asked again after a failure,
     /// so a request meeting a dead database does not wait its timeout (synced identities still come
     /// from the cache meanwhile).
@@ -70,8 +97,19 @@ impl Gatekeeper {
             policy,
             provisioner,
             on_db_error,
+            revocations: revocation::RevocationSet::default(),
+            lifecycle: LifecycleOptions::default(),
             db_quiet_until_ms: AtomicI64::new(0),
         }
+    }
+
+    pub fn with_lifecycle(mut self, lifecycle: LifecycleOptions) -> Self {
+        self.lifecycle = lifecycle;
+        self
+    }
+
+    pub fn revocations(&self) -> &revocation::RevocationSet {
+        &self.revocations
     }
 
     /// Pass mode with the database recently failed: decide without it.
@@ -95,24 +133,36 @@ impl Gatekeeper {
         &self.tokens
     }
 
-    /// Who the token says the caller is: verified (or remembered) and mapped.
+    /// Who the token says the caller is: verified (or remembered) and mapped, unless its session or
+    /// user was logged out at the IdP since.
     pub async fn authenticate(
         &self,
         token: &str,
         now: i64,
     ) -> Result<Arc<Authenticated>, AccessError> {
         let key = self.tokens.enabled().then(|| token_key(token));
-        if let Some(k) = &key
-            && let Some(hit) = self.tokens.get(k, now).await?
-        {
-            metrics::counter!("idsync_token_cache_total", "outcome" => "hit").increment(1);
-            return Ok(hit);
+        let hit = match &key {
+            Some(k) => self.tokens.get(k, now).await?,
+            None => None,
+        };
+        let authenticated = match hit {
+            Some(hit) => {
+                metrics::counter!("idsync_token_cache_total", "outcome" => "hit").increment(1);
+                hit
+            }
+            None => {
+                if key.is_some() {
+                    metrics::counter!("idsync_token_cache_total", "outcome" => "miss").increment(1);
+                }
+                // Boxed for the same reason as sync's database path: a cache hit's future stays small.
+                Box::pin(self.verify_and_map(token, now, key)).await?
+            }
+        };
+        if self.revocations.revoked(&authenticated, now) {
+            metrics::counter!("idsync_token_revoked_total").increment(1);
+            return Err(AccessError::InvalidToken(TokenRejection::SessionEnded));
         }
-        if key.is_some() {
-            metrics::counter!("idsync_token_cache_total", "outcome" => "miss").increment(1);
-        }
-        // Boxed for the same reason as sync's database path: a cache hit's future stays small.
-        Box::pin(self.verify_and_map(token, now, key)).await
+        Ok(authenticated)
     }
 
     async fn verify_and_map(
@@ -128,11 +178,22 @@ impl Gatekeeper {
             .increment(1);
         let (issuer, verified) = verified?;
         let identity = map_claims(issuer.name.clone(), &verified.claims, &issuer.rules)?;
+        let sid = verified
+            .claims
+            .get("sid")
+            .and_then(serde_json::Value::as_str)
+            .filter(|s| s.len() <= 256)
+            .map(Into::into);
+        let issued_at = crate::oidc::numeric_claim(&verified.claims, "iat")
+            .ok()
+            .flatten();
         let authenticated = Arc::new(Authenticated {
             identity,
             issuer,
             key: verified.key,
             expires_at: verified.expires_at,
+            sid,
+            issued_at,
         });
         if let Some(key) = key {
             self.tokens.insert(key, authenticated.clone()).await;
@@ -182,7 +243,11 @@ impl Gatekeeper {
                 return Err(refusal.into());
             }
         };
-        match self.provisioner.sync(identity, &decision.plan).await {
+        match self
+            .provisioner
+            .sync(identity, &decision.plan, authenticated.issued_at)
+            .await
+        {
             Ok(view) => Ok(Admission {
                 authenticated,
                 view,

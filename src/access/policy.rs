@@ -11,7 +11,7 @@
 //! | no tenant, `--missing-tenant default=ID` | yes | operator's if set, else the IdP roles mapped |
 
 use super::error::Refusal;
-use crate::identity::{Identity, RoleMap, RolePlan, StoredMembership, TenantId};
+use crate::identity::{Identity, Origin, RoleMap, RolePlan, StoredMembership, TenantId};
 use crate::provision::naming::short_hash;
 use crate::provision::{Provisioned, SyncPlan, TenantTarget};
 
@@ -181,6 +181,7 @@ pub fn decide(
                     tenant: None,
                     role: None,
                     idp_roles_apply: true,
+                    origin: Origin::Idp,
                 },
                 role: None,
             });
@@ -210,6 +211,10 @@ pub fn decide(
             tenant: Some(tenant),
             role: plan,
             idp_roles_apply: matches!(basis, Basis::Asserted | Basis::Default | Basis::Personal),
+            origin: match basis {
+                Basis::Asserted | Basis::Listed | Basis::Membership => Origin::Idp,
+                Basis::Personal | Basis::Default => Origin::Idsync,
+            },
         },
         role,
     })
@@ -262,6 +267,7 @@ mod tests {
             dialect,
             tenant_claim: ClaimPath::new("tenant_id").unwrap(),
             roles_claim: ClaimPath::new("roles").unwrap(),
+            id_prefix: None,
         };
         map_claims("iss", claims.as_object().unwrap(), &rules).unwrap()
     }

@@ -19,6 +19,10 @@ pub struct Authenticated {
     /// The key that verified the token.
     pub key: KeyFingerprint,
     pub expires_at: i64,
+    /// The IdP session the token belongs to (`sid`), for back-channel logout.
+    pub sid: Option<Box<str>>,
+    /// `iat`, for logouts that end every token of a user issued before them.
+    pub issued_at: Option<i64>,
 }
 
 impl std::fmt::Debug for Issuer {
@@ -162,6 +166,9 @@ mod tests {
             source: KeySource::Discovery,
             tenant_claim: ClaimPath::new("tenant_id").unwrap(),
             roles_claim: ClaimPath::new("roles").unwrap(),
+            id_prefix: None,
+            logout_audiences: vec![],
+            webhook_secret: None,
         };
         let opts = KeyCacheOptions {
             refresh_interval: Duration::from_secs(600),
@@ -197,6 +204,8 @@ mod tests {
             issuer: issuer.clone(),
             key: KeyFingerprint::default(),
             expires_at: crate::oidc::unix_now() + 3600,
+            sid: None,
+            issued_at: None,
         })
     }
 

@@ -4,6 +4,7 @@
 use crate::config::DatabaseArgs;
 use crate::directory::{Directory, UserFilter};
 use crate::identity::RoleSource;
+use crate::provision::{Affected, notify};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use std::process::ExitCode;
@@ -169,6 +170,25 @@ async fn directory(db: &DbArgs, database: &DatabaseArgs) -> Result<(Directory, S
     Ok((Directory::new(conn, db.tenant_schema.clone()), actor))
 }
 
+/// Tells running sidecars on PostgreSQL about a change at once (they would otherwise see it within
+/// `--sync-cache-ttl`), then prints it.
+async fn changed<T: Serialize>(
+    d: &Directory,
+    r: crate::directory::Result<T>,
+    affected: Affected,
+) -> ExitCode {
+    if r.is_ok() {
+        let notice = notify::Notice::from(&affected);
+        let origin = uuid::Uuid::new_v4().to_string();
+        if let Err(e) = notify::publish(d.db(), &origin, &[notice]).await {
+            eprintln!(
+                "idsync: the change is made, but running sidecars were not told ({e}); they see it within --sync-cache-ttl"
+            );
+        }
+    }
+    print(r)
+}
+
 fn print<T: Serialize>(r: crate::directory::Result<T>) -> ExitCode {
     match r {
         Ok(v) => {
@@ -197,18 +217,31 @@ pub async fn run_orgs(cmd: OrgsCommand, database: &DatabaseArgs) -> ExitCode {
             name,
             slug,
             issuer,
-        } => print(
-            d.create_organization(&actor, &id, &name, slug.as_deref(), &issuer)
-                .await,
-        ),
-        OrgsAction::Rename { id, name } => print(d.rename_organization(&actor, &id, &name).await),
-        OrgsAction::Deactivate { id } => print(d.set_organization_active(&actor, &id, false).await),
-        OrgsAction::Reactivate { id } => print(d.set_organization_active(&actor, &id, true).await),
-        OrgsAction::Delete { id, force } => print(
-            d.delete_organization(&actor, &id, force)
+        } => {
+            let r = d
+                .create_organization(&actor, &id, &name, slug.as_deref(), &issuer)
+                .await;
+            changed(&d, r, Affected::Organization(id)).await
+        }
+        OrgsAction::Rename { id, name } => {
+            let r = d.rename_organization(&actor, &id, &name).await;
+            changed(&d, r, Affected::Organization(id)).await
+        }
+        OrgsAction::Deactivate { id } => {
+            let r = d.set_organization_active(&actor, &id, false).await;
+            changed(&d, r, Affected::Organization(id)).await
+        }
+        OrgsAction::Reactivate { id } => {
+            let r = d.set_organization_active(&actor, &id, true).await;
+            changed(&d, r, Affected::Organization(id)).await
+        }
+        OrgsAction::Delete { id, force } => {
+            let r = d
+                .delete_organization(&actor, &id, force)
                 .await
-                .map(|()| serde_json::json!({"deleted": id})),
-        ),
+                .map(|()| serde_json::json!({"deleted": id}));
+            changed(&d, r, Affected::Organization(id)).await
+        }
     }
 }
 
@@ -235,8 +268,14 @@ pub async fn run_users(cmd: UsersCommand, database: &DatabaseArgs) -> ExitCode {
             .await,
         ),
         UsersAction::Get { id } => print(d.get_user(&id).await),
-        UsersAction::Deactivate { id } => print(d.set_user_active(&actor, &id, false).await),
-        UsersAction::Reactivate { id } => print(d.set_user_active(&actor, &id, true).await),
+        UsersAction::Deactivate { id } => {
+            let r = d.set_user_active(&actor, &id, false).await;
+            changed(&d, r, Affected::User(id)).await
+        }
+        UsersAction::Reactivate { id } => {
+            let r = d.set_user_active(&actor, &id, true).await;
+            changed(&d, r, Affected::User(id)).await
+        }
     }
 }
 
@@ -245,20 +284,62 @@ pub async fn run_memberships(cmd: MembershipsCommand, database: &DatabaseArgs) -
         Ok(x) => x,
         Err(code) => return code,
     };
-    match cmd.action {
-        MembershipsAction::Add { user, organization, role } => print(d.add_membership(&actor, &user, &organization, &role).await),
-        MembershipsAction::SetRole { user, organization, role } => print(d.set_membership_role(&actor, &user, &organization, &role).await),
-        MembershipsAction::RoleSource { user, organization, source } => {
+    let (r, user, organization) = match cmd.action {
+        MembershipsAction::Add {
+            user,
+            organization,
+            role,
+        } => (
+            print_value(d.add_membership(&actor, &user, &organization, &role).await),
+            user,
+            organization,
+        ),
+        MembershipsAction::SetRole {
+            user,
+            organization,
+            role,
+        } => (
+            print_value(d.set_membership_role(&actor, &user, &organization, &role).await),
+            user,
+            organization,
+        ),
+        MembershipsAction::RoleSource {
+            user,
+            organization,
+            source,
+        } => {
             let source = match source {
                 SourceArg::Idp => RoleSource::Idp,
                 SourceArg::Operator => RoleSource::Operator,
             };
-            print(d.set_membership_role_source(&actor, &user, &organization, source).await)
+            let r = d
+                .set_membership_role_source(&actor, &user, &organization, source)
+                .await;
+            (print_value(r), user, organization)
         }
-        MembershipsAction::Deactivate { user, organization } => print(d.set_membership_active(&actor, &user, &organization, false).await),
-        MembershipsAction::Reactivate { user, organization } => print(d.set_membership_active(&actor, &user, &organization, true).await),
-        MembershipsAction::Remove { user, organization } => {
-            print(d.remove_membership(&actor, &user, &organization).await.map(|()| serde_json::json!({"removed": {"user_id": user, "organization_id": organization}})))
-        }
-    }
+        MembershipsAction::Deactivate { user, organization } => (
+            print_value(d.set_membership_active(&actor, &user, &organization, false).await),
+            user,
+            organization,
+        ),
+        MembershipsAction::Reactivate { user, organization } => (
+            print_value(d.set_membership_active(&actor, &user, &organization, true).await),
+            user,
+            organization,
+        ),
+        MembershipsAction::Remove { user, organization } => (
+            d.remove_membership(&actor, &user, &organization)
+                .await
+                .map(|()| serde_json::json!({"removed": {"user_id": user, "organization_id": organization}})),
+            user,
+            organization,
+        ),
+    };
+    changed(&d, r, Affected::Membership(user, organization)).await
+}
+
+fn print_value<T: Serialize>(
+    r: crate::directory::Result<T>,
+) -> crate::directory::Result<serde_json::Value> {
+    r.map(|v| serde_json::to_value(v).unwrap_or_default())
 }

@@ -7,6 +7,7 @@ mod directory;
 mod healthcheck;
 mod inspect;
 mod migrate;
+mod reconcile;
 
 pub use check::run as check;
 pub use directory::{
@@ -15,6 +16,7 @@ pub use directory::{
 pub use healthcheck::{HealthcheckArgs, run as healthcheck};
 pub use inspect::{InspectArgs, run as inspect};
 pub use migrate::{MigrateAction, MigrateArgs, run as migrate};
+pub use reconcile::{ReconcileArgs, run as reconcile};
 
 use crate::config::{DatabaseArgs, ServeArgs, Settings};
 use clap::{Parser, Subcommand};
@@ -70,6 +72,14 @@ pub enum Command {
     Memberships(MembershipsCommand),
     /// Exit 0 when the local idsync is ready (for exec probes in images without a shell).
     Healthcheck(HealthcheckArgs),
+    /// Make the rows agree with the IdP: read every user, organization and membership through its admin
+    /// API, create or update what it has, mark inactive what it disabled or no longer has.
+    ///
+    /// Examples: `idsync reconcile --issuer https://sso.example.com/realms/acme --client-id idsync-reconcile
+    /// --secret-file /etc/idsync/reconcile/secret --dry-run`;
+    /// `idsync reconcile --issuer https://acme.frontegg.com,dialect=frontegg --client-id <env client id>
+    /// --secret-file /etc/idsync/reconcile/api-key --admin-url https://api.us.frontegg.com`.
+    Reconcile(Box<ReconcileArgs>),
 }
 
 #[derive(Debug, Subcommand)]

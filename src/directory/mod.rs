@@ -2,8 +2,9 @@
 //! audit trail. Shared by the admin API and the CLI; every change writes an audit event naming the actor.
 //! Never sees HTTP.
 
-use crate::identity::RoleSource;
+use crate::identity::{Origin, RoleSource};
 use crate::provision::audit::{self, AuditKind, Event};
+use crate::provision::lifecycle::BY_OPERATOR;
 use crate::provision::store::write_transaction;
 use crate::provision::{naming, schemas};
 use chrono::{DateTime, Utc};
@@ -198,6 +199,9 @@ impl Directory {
             is_active: Set(true),
             metadata: Set(None),
             schema_name: Set(schema_name),
+            lifecycle_at: Set(None),
+            deactivated_by: Set(None),
+            origin: Set(Origin::Operator.as_str().into()),
             created_at: Set(now),
             updated_at: Set(now),
         }
@@ -259,8 +263,14 @@ impl Directory {
             .one(&txn)
             .await?
             .ok_or_else(|| DirectoryError::NotFound(format!("organization {id}")))?;
+        let lifecycle_at = org.lifecycle_at;
         let mut model = org.into_active_model();
         model.is_active = Set(active);
+        // An operator's deactivation is theirs: the IdP's events do not undo it.
+        model.deactivated_by = Set((!active).then(|| BY_OPERATOR.to_owned()));
+        // The operator's word is the newest: an IdP event from before it (a late or replayed webhook)
+        // no longer applies to this row.
+        model.lifecycle_at = Set(Some(after(lifecycle_at)));
         model.updated_at = Set(Utc::now());
         let org = model.update(&txn).await?;
         let kind = if active {
@@ -364,8 +374,14 @@ impl Directory {
             .one(&txn)
             .await?
             .ok_or_else(|| DirectoryError::NotFound(format!("user {id}")))?;
+        let lifecycle_at = user.lifecycle_at;
         let mut model = user.into_active_model();
         model.is_active = Set(active);
+        // An operator's deactivation is theirs: the IdP's events do not undo it.
+        model.deactivated_by = Set((!active).then(|| BY_OPERATOR.to_owned()));
+        // The operator's word is the newest: an IdP event from before it (a late or replayed webhook)
+        // no longer applies to this row.
+        model.lifecycle_at = Set(Some(after(lifecycle_at)));
         model.updated_at = Set(Utc::now());
         let user = model.update(&txn).await?;
         let kind = if active {
@@ -421,6 +437,9 @@ impl Directory {
             role_source: Set(RoleSource::Operator.as_str().to_owned()),
             idp_roles: Set(json!([])),
             is_active: Set(true),
+            lifecycle_at: Set(None),
+            deactivated_by: Set(None),
+            origin: Set(Origin::Operator.as_str().into()),
             created_at: Set(now),
             updated_at: Set(now),
         }
@@ -509,8 +528,14 @@ impl Directory {
     ) -> Result<memberships::Model> {
         let txn = self.db.begin_with_options(write_transaction()).await?;
         let m = self.membership(&txn, user_id, org_id).await?;
+        let lifecycle_at = m.lifecycle_at;
         let mut model = m.into_active_model();
         model.is_active = Set(active);
+        // An operator's deactivation is theirs: the IdP's events do not undo it.
+        model.deactivated_by = Set((!active).then(|| BY_OPERATOR.to_owned()));
+        // The operator's word is the newest: an IdP event from before it (a late or replayed webhook)
+        // no longer applies to this row.
+        model.lifecycle_at = Set(Some(after(lifecycle_at)));
         model.updated_at = Set(Utc::now());
         let m = model.update(&txn).await?;
         let kind = if active {
@@ -633,5 +658,15 @@ impl Directory {
         )
         .await?;
         Ok(())
+    }
+}
+
+/// A lifecycle version after `stored`: now, or just past `stored` when an IdP event was dated later (its
+/// clock ahead of ours), so that event, delivered again, counts as older.
+fn after(stored: Option<chrono::DateTime<Utc>>) -> chrono::DateTime<Utc> {
+    let now = Utc::now();
+    match stored {
+        Some(s) if s >= now => s + chrono::Duration::milliseconds(1),
+        _ => now,
     }
 }

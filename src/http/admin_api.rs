@@ -170,8 +170,9 @@ fn actor(headers: &HeaderMap) -> String {
         .map_or_else(|| "admin-api".to_owned(), |s| format!("admin:{s}"))
 }
 
-fn forget(state: &AdminState, affected: Affected) {
-    state.gatekeeper.forget(&affected);
+/// Drops what this replica remembers about the change and tells the other replicas.
+async fn forget(state: &AdminState, affected: Affected) {
+    state.gatekeeper.changed(&[affected], false).await;
 }
 
 #[derive(Deserialize)]
@@ -231,7 +232,7 @@ async fn create_org(
             &issuer,
         )
         .await?;
-    forget(&s, Affected::Organization(org.id.clone()));
+    forget(&s, Affected::Organization(org.id.clone())).await;
     Ok((StatusCode::CREATED, Json(org)).into_response())
 }
 
@@ -254,7 +255,7 @@ async fn rename_org(
         .directory
         .rename_organization(&actor(&headers), &id, &body.name)
         .await?;
-    forget(&s, Affected::Organization(id));
+    forget(&s, Affected::Organization(id)).await;
     ok(org)
 }
 
@@ -268,7 +269,7 @@ async fn set_org(
         .directory
         .set_organization_active(&actor(&headers), &id, active)
         .await?;
-    forget(&s, Affected::Organization(id));
+    forget(&s, Affected::Organization(id)).await;
     ok(org)
 }
 
@@ -287,7 +288,7 @@ async fn delete_org(
     s.directory
         .delete_organization(&actor(&headers), &id, q.force)
         .await?;
-    forget(&s, Affected::Organization(id.clone()));
+    forget(&s, Affected::Organization(id.clone())).await;
     ok(json!({"deleted": id}))
 }
 
@@ -323,7 +324,7 @@ async fn set_user(
         .directory
         .set_user_active(&actor(&headers), &id, active)
         .await?;
-    forget(&s, Affected::User(id));
+    forget(&s, Affected::User(id)).await;
     ok(user)
 }
 
@@ -369,7 +370,7 @@ async fn add_membership(
             &body.role,
         )
         .await?;
-    forget(&s, Affected::Membership(body.user_id, body.organization_id));
+    forget(&s, Affected::Membership(body.user_id, body.organization_id)).await;
     Ok((StatusCode::CREATED, Json(m)).into_response())
 }
 
@@ -413,7 +414,7 @@ async fn set_role(
                 .await?
         }
     };
-    forget(&s, Affected::Membership(user, org));
+    forget(&s, Affected::Membership(user, org)).await;
     ok(m)
 }
 
@@ -427,7 +428,7 @@ async fn set_membership(
         .directory
         .set_membership_active(&actor(&headers), &user, &org, active)
         .await?;
-    forget(&s, Affected::Membership(user, org));
+    forget(&s, Affected::Membership(user, org)).await;
     ok(m)
 }
 
@@ -439,7 +440,7 @@ async fn remove_membership(
     s.directory
         .remove_membership(&actor(&headers), &user, &org)
         .await?;
-    forget(&s, Affected::Membership(user.clone(), org.clone()));
+    forget(&s, Affected::Membership(user.clone(), org.clone())).await;
     ok(json!({"removed": {"user_id": user, "organization_id": org}}))
 }
 

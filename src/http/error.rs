@@ -13,6 +13,9 @@ pub enum ApiError {
     /// 400: the request itself is malformed (e.g. several `Authorization` headers).
     #[error("{0}")]
     InvalidRequest(String),
+    /// 401 without a bearer challenge: an IdP's webhook whose signature does not verify.
+    #[error("the signature does not verify")]
+    BadSignature,
     /// 403: tenant policy refuses the identity; the code names the rule (`tenant_not_permitted`,
     /// `missing_tenant_claim`, `identity_conflict`, `user_inactive`, `tenant_inactive`, `membership_inactive`).
     #[error("{1}")]
@@ -77,6 +80,7 @@ impl ApiError {
         match self {
             Self::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BadSignature => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Forbidden(..) => StatusCode::FORBIDDEN,
@@ -94,6 +98,7 @@ impl ApiError {
         match self {
             Self::InvalidToken(_) => "invalid_token",
             Self::InvalidRequest(_) => "invalid_request",
+            Self::BadSignature => "invalid_signature",
             Self::NotFound(_) => "not_found",
             Self::Conflict(_) => "conflict",
             Self::Forbidden(code, _) => code,
@@ -132,7 +137,7 @@ impl IntoResponse for ApiError {
             "error_id": error_id,
         });
         let mut response = (status, Json(body)).into_response();
-        if status == StatusCode::UNAUTHORIZED {
+        if matches!(self, Self::InvalidToken(_)) {
             // RFC 6750 section 3: the description is a quoted-string, so `"` and `\` must not appear raw.
             let safe: String = description
                 .chars()

@@ -9,6 +9,7 @@ pub mod cors;
 pub mod error;
 pub mod forwarded;
 pub mod headers;
+pub mod lifecycle;
 pub mod paths;
 pub mod proxy;
 pub mod server;
@@ -67,6 +68,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/.idsync/auth/{*rest}", any(forward_auth))
         .route("/.idsync/me", get(me))
         .route("/.idsync/tenant", get(tenant))
+        .merge(lifecycle::routes())
         // The namespace is idsync's: an unknown path here is never proxied to the app.
         .route(
             "/.idsync/{*rest}",

@@ -32,6 +32,30 @@ impl RoleSource {
     }
 }
 
+/// Where an organization or membership row came from. Stored in `origin`; reconcile deactivates only
+/// what came from the IdP, so a personal organization or an operator's grant is never taken for one the
+/// IdP deleted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// A token asserted or listed it, or a webhook or reconcile brought it.
+    Idp,
+    /// idsync's own policy made it: a personal organization, the `--missing-tenant default=` one.
+    Idsync,
+    /// The admin API or CLI made it.
+    Operator,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Idp => "idp",
+            Self::Idsync => "idsync",
+            Self::Operator => "operator",
+        }
+    }
+}
+
 /// A membership as the database holds it, as far as the access decision needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredMembership {

@@ -5,6 +5,7 @@ mod claims;
 mod frontegg;
 mod generic;
 mod keycloak;
+pub mod lifecycle;
 mod membership;
 mod roles;
 
@@ -14,7 +15,7 @@ use std::fmt;
 use std::sync::Arc;
 
 pub use claims::ClaimPath;
-pub use membership::{RolePlan, RoleSource, StoredMembership};
+pub use membership::{Origin, RolePlan, RoleSource, StoredMembership};
 pub use roles::{RoleMap, RoleMapError};
 
 /// Longest identifier (subject, tenant id) idsync accepts; longer ones are not ids but payloads.
@@ -60,6 +61,27 @@ pub struct MappingRules {
     pub tenant_claim: ClaimPath,
     /// Where generic roles live.
     pub roles_claim: ClaimPath,
+    /// Put before every user and tenant id of this issuer (`id-prefix=`), so two issuers whose ids
+    /// overlap can share one database.
+    pub id_prefix: Option<Box<str>>,
+}
+
+impl MappingRules {
+    /// `raw` as this issuer's id is stored and forwarded.
+    pub fn scoped<'a>(&self, raw: &'a str) -> std::borrow::Cow<'a, str> {
+        match &self.id_prefix {
+            Some(p) => std::borrow::Cow::Owned(format!("{p}{raw}")),
+            None => std::borrow::Cow::Borrowed(raw),
+        }
+    }
+
+    pub fn subject(&self, claim: &str, raw: &str) -> Result<Subject, IdentityError> {
+        Subject::parse(claim, &self.scoped(raw))
+    }
+
+    pub fn tenant_id(&self, claim: &str, raw: &str) -> Result<TenantId, IdentityError> {
+        TenantId::parse(claim, &self.scoped(raw))
+    }
 }
 
 /// Checks an identifier the IdP owns (a `sub`, a tenant id): non-empty, at most [`MAX_ID_BYTES`], no
@@ -241,6 +263,23 @@ pub fn map_claims(
     };
     identity.issuer = issuer.into();
     identity.dialect = rules.dialect;
+    if let Some(prefix) = &rules.id_prefix {
+        if let Some(s) = &identity.subject {
+            identity.subject = Some(Subject::parse("sub", &format!("{prefix}{s}"))?);
+        }
+        let tenant = |t: &TenantId| TenantId::parse("tenant", &format!("{prefix}{t}"));
+        identity.tenant = identity.tenant.as_ref().map(tenant).transpose()?;
+        identity.tenants = identity
+            .tenants
+            .iter()
+            .map(tenant)
+            .collect::<Result<_, _>>()?;
+        identity.tenant_names = identity
+            .tenant_names
+            .iter()
+            .map(|(t, n)| Ok((tenant(t)?, n.clone())))
+            .collect::<Result<_, IdentityError>>()?;
+    }
     // Kept only to explain a missing tenant; a found one makes it noise in every cached identity.
     if identity.tenant.is_some() {
         identity.tenant_sources = Vec::new();

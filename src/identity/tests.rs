@@ -13,6 +13,7 @@ fn rules(dialect: Dialect) -> MappingRules {
         dialect,
         tenant_claim: ClaimPath::new("tenant_id").unwrap(),
         roles_claim: ClaimPath::new("roles").unwrap(),
+        id_prefix: None,
     }
 }
 

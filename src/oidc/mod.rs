@@ -121,6 +121,17 @@ pub enum VerifyError {
     KeysUnavailable(KeysUnavailable),
 }
 
+/// What a token is being verified for. Explicit typing (RFC 8725 section 3.11) keeps one kind from
+/// passing as another: a logout token (`typ: logout+jwt`) is never an access token.
+#[derive(Clone, Copy, Debug)]
+pub enum Purpose<'a> {
+    Access,
+    /// OIDC Back-Channel Logout 1.0: `aud` must be one of these client ids.
+    Logout {
+        audiences: &'a [String],
+    },
+}
+
 /// Verifies `token` against `trust` (the configured issuer its `iss` named) as of `now`. May fetch keys
 /// from that issuer, never from anywhere the token names.
 pub async fn verify(
@@ -128,17 +139,27 @@ pub async fn verify(
     token: &ParsedToken<'_>,
     now: i64,
     opts: &VerifyOptions,
+    purpose: Purpose<'_>,
 ) -> Result<VerifiedToken, VerifyError> {
     let parts = &token.parts;
     let kid = parts.header.kid.as_deref();
-    if let Some(want) = &trust.require_typ
-        && !parts
-            .header
-            .typ
-            .as_deref()
-            .is_some_and(|t| t.eq_ignore_ascii_case(want))
-    {
-        return Err(VerifyError::TokenType(want.clone()));
+    let typ = parts.header.typ.as_deref();
+    let is = |want: &str| typ.is_some_and(|t| t.eq_ignore_ascii_case(want));
+    match purpose {
+        Purpose::Access if is("logout+jwt") => {
+            return Err(VerifyError::TokenType("JWT` or `at+jwt".into()));
+        }
+        Purpose::Access => {
+            if let Some(want) = &trust.require_typ
+                && !is(want)
+            {
+                return Err(VerifyError::TokenType(want.clone()));
+            }
+        }
+        Purpose::Logout { .. } if typ.is_some() && !is("logout+jwt") => {
+            return Err(VerifyError::TokenType("logout+jwt".into()));
+        }
+        Purpose::Logout { .. } => {}
     }
 
     let mut generation = trust.keys.generation();
@@ -156,7 +177,7 @@ pub async fn verify(
     }
     let key = check_signature(&keys, parts)?;
     let claims = parse_claims(&parts.payload)?;
-    let expires_at = check_claims(trust, &claims, now, opts)?;
+    let expires_at = check_claims(trust, &claims, now, opts, purpose)?;
     Ok(VerifiedToken {
         key,
         expires_at,
@@ -197,6 +218,63 @@ pub fn verify_signature(keys: &KeySet, jws: &str) -> Result<KeyFingerprint, Veri
     check_signature(keys, &parts)
 }
 
+/// A JWT signed with a shared secret (HS256/384/512), as Frontegg signs its webhook header. Only for
+/// secrets idsync was given for that purpose: never a path for access tokens, which must be signed
+/// with the issuer's public keys. `exp` is enforced when present, and `iat`, when present, must be
+/// within `max_age` (the replay window). Returns the claims.
+pub fn verify_hmac_jwt(
+    secret: &[u8],
+    token: &str,
+    now: i64,
+    leeway_secs: i64,
+    max_age_secs: i64,
+) -> Result<Map<String, Value>, VerifyError> {
+    use aws_lc_rs::hmac;
+    use base64::Engine as _;
+    let b64 = |s: &str| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(s)
+            .map_err(|_| VerifyError::Malformed("not base64url".into()))
+    };
+    let mut parts = token.trim().split('.');
+    let (Some(h), Some(p), Some(sig), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(VerifyError::Malformed("not a compact JWS".into()));
+    };
+    let header: Value = serde_json::from_slice(&b64(h)?)
+        .map_err(|_| VerifyError::Malformed("header is not JSON".into()))?;
+    let algorithm = match header.get("alg").and_then(Value::as_str) {
+        Some("HS256") => hmac::HMAC_SHA256,
+        Some("HS384") => hmac::HMAC_SHA384,
+        Some("HS512") => hmac::HMAC_SHA512,
+        _ => {
+            return Err(VerifyError::Algorithm(
+                "a shared-secret JWT must be HS256/384/512".into(),
+            ));
+        }
+    };
+    let key = hmac::Key::new(algorithm, secret);
+    let signing_input = &token.trim()[..h.len() + 1 + p.len()];
+    hmac::verify(&key, signing_input.as_bytes(), &b64(sig)?)
+        .map_err(|_| VerifyError::BadSignature)?;
+    let claims = parse_claims(&b64(p)?)?;
+    if let Some(exp) = numeric_date(&claims, "exp")?
+        && exp <= now.saturating_sub(leeway_secs)
+    {
+        return Err(VerifyError::Expired);
+    }
+    if let Some(iat) = numeric_date(&claims, "iat")? {
+        if iat > now.saturating_add(leeway_secs) {
+            return Err(VerifyError::IssuedInFuture);
+        }
+        if iat < now.saturating_sub(max_age_secs + leeway_secs) {
+            return Err(VerifyError::Expired);
+        }
+    }
+    Ok(claims)
+}
+
 /// For a cached verification: the issuer still has usable keys and still publishes the very key that
 /// verified the token.
 pub fn still_trusted(trust: &IssuerTrust, key: KeyFingerprint) -> Result<(), VerifyError> {
@@ -213,6 +291,7 @@ fn check_claims(
     claims: &Map<String, Value>,
     now: i64,
     opts: &VerifyOptions,
+    purpose: Purpose<'_>,
 ) -> Result<i64, VerifyError> {
     let leeway = opts.leeway_secs;
     let exp = numeric_date(claims, "exp")?
@@ -230,20 +309,24 @@ fn check_claims(
     {
         return Err(VerifyError::IssuedInFuture);
     }
-    if !trust.audiences.is_empty() {
+    let audiences = match purpose {
+        Purpose::Access => trust.audiences.as_slice(),
+        Purpose::Logout { audiences } => audiences,
+    };
+    if !audiences.is_empty() || matches!(purpose, Purpose::Logout { .. }) {
         let ok = match claims.get("aud") {
-            Some(Value::String(a)) => trust.audiences.iter().any(|x| x == a),
+            Some(Value::String(a)) => audiences.iter().any(|x| x == a),
             Some(Value::Array(items)) => items
                 .iter()
                 .filter_map(Value::as_str)
-                .any(|a| trust.audiences.iter().any(|x| x == a)),
+                .any(|a| audiences.iter().any(|x| x == a)),
             _ => false,
         };
         if !ok {
             return Err(VerifyError::Audience);
         }
     }
-    if !trust.authorized_parties.is_empty() {
+    if matches!(purpose, Purpose::Access) && !trust.authorized_parties.is_empty() {
         let azp = claims.get("azp").and_then(Value::as_str);
         if !azp.is_some_and(|a| trust.authorized_parties.iter().any(|x| x == a)) {
             return Err(VerifyError::AuthorizedParty);
@@ -290,6 +373,14 @@ pub fn decode_unverified(token: &str) -> Result<(Value, Map<String, Value>), Str
         .map_err(|e| format!("the header is not JSON: {e}"))?;
     let payload = parse_claims(&b64(p, "payload")?).map_err(|e| e.to_string())?;
     Ok((header, payload))
+}
+
+/// A NumericDate claim, for callers that read more than `exp`.
+pub fn numeric_claim(
+    claims: &Map<String, Value>,
+    name: &'static str,
+) -> Result<Option<i64>, VerifyError> {
+    numeric_date(claims, name)
 }
 
 impl VerifyError {

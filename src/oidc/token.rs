@@ -109,9 +109,15 @@ fn parse_header(bytes: &[u8]) -> Result<Header, VerifyError> {
             let t = typ
                 .as_str()
                 .map(|t| t.strip_prefix("application/").unwrap_or(t))
-                .filter(|t| t.eq_ignore_ascii_case("JWT") || t.eq_ignore_ascii_case("at+jwt"))
+                .filter(|t| {
+                    ["JWT", "at+jwt", "logout+jwt"]
+                        .iter()
+                        .any(|k| t.eq_ignore_ascii_case(k))
+                })
                 .ok_or_else(|| {
-                    VerifyError::Malformed("header `typ` is neither `JWT` nor `at+jwt`".into())
+                    VerifyError::Malformed(
+                        "header `typ` is none of `JWT`, `at+jwt`, `logout+jwt`".into(),
+                    )
                 })?;
             Some(t.to_owned())
         }

@@ -29,6 +29,10 @@ pub enum AuditKind {
     RoleSourceChanged,
     AccessDenied,
     IdentityConflict,
+    /// A session ended at the IdP (back-channel logout with `sid`, a logout event).
+    SessionRevoked,
+    /// Every session of a user ended (back-channel logout with `sub` only).
+    UserSessionsRevoked,
 }
 
 impl AuditKind {
@@ -51,6 +55,8 @@ impl AuditKind {
             Self::RoleSourceChanged => "role_source_changed",
             Self::AccessDenied => "access_denied",
             Self::IdentityConflict => "identity_conflict",
+            Self::SessionRevoked => "session_revoked",
+            Self::UserSessionsRevoked => "user_sessions_revoked",
         }
     }
 }

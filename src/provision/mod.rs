@@ -5,11 +5,14 @@
 
 pub mod audit;
 mod last_seen;
+pub mod lifecycle;
 pub mod naming;
+pub mod notify;
+pub mod revocations;
 pub mod schemas;
 pub mod store;
 
-use crate::identity::{Identity, RolePlan, RoleSource, StoredMembership};
+use crate::identity::{Identity, Origin, RolePlan, RoleSource, StoredMembership};
 use audit::{AuditKind, Event};
 use chrono::{DateTime, SubsecRound, Utc};
 use entity::memberships;
@@ -77,6 +80,8 @@ pub struct SyncPlan {
     pub role: Option<RolePlan>,
     /// Whether the token's own roles speak for this tenant (and so may be forwarded as `X-User-Roles`).
     pub idp_roles_apply: bool,
+    /// Where an organization or membership this request creates comes from.
+    pub origin: Origin,
 }
 
 /// What the upstream is told about a caller: from the synced rows, or (pass mode) from the decision alone.
@@ -117,7 +122,7 @@ impl From<StoreError> for ProvisionError {
 }
 
 /// What an operator's (or a webhook's) change touched, so caches can drop what they hold about it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Affected {
     User(String),
     Organization(String),
@@ -236,20 +241,24 @@ impl Provisioner {
     }
 
     /// Makes sure the rows for this identity and decision exist and are current, and returns what to
-    /// forward.
+    /// forward. `issued_at` is the token's `iat`: a token older than the last lifecycle event applied
+    /// to the user does not write its profile back.
     pub async fn sync(
         &self,
         identity: &Identity,
         plan: &SyncPlan,
+        issued_at: Option<i64>,
     ) -> Result<Arc<Provisioned>, ProvisionError> {
         let now = Utc::now().trunc_subsecs(6);
         let (cache_key, fingerprint) = cache_key(identity, plan);
         if let Some(hit) = self.hit(identity, &cache_key, fingerprint, now).await {
             return Ok(hit);
         }
+        let issued_at =
+            issued_at.and_then(|s| chrono::TimeZone::timestamp_opt(&Utc, s, 0).single());
         // Boxed: the database path's future is many kilobytes, and keeping it inline would make every
         // warm request's future (moved and copied by the HTTP stack) that large too.
-        Box::pin(self.sync_uncached(identity, plan, cache_key, fingerprint, now)).await
+        Box::pin(self.sync_uncached(identity, plan, cache_key, fingerprint, now, issued_at)).await
     }
 
     /// What an earlier sync of this identity and decision gave, without touching the database.
@@ -289,13 +298,16 @@ impl Provisioner {
         cache_key: Key,
         fingerprint: u64,
         now: DateTime<Utc>,
+        issued_at: Option<DateTime<Utc>>,
     ) -> Result<Arc<Provisioned>, ProvisionError> {
         let request = SyncRequest {
             identity,
             tenant: plan.tenant.as_ref(),
             role: plan.role.as_ref(),
+            origin: plan.origin,
             tenant_schema: self.opts.tenant_schema.as_deref(),
             now,
+            issued_at,
         };
         let started = std::time::Instant::now();
         let writer = match &self.sqlite_writer {
@@ -401,6 +413,12 @@ impl Provisioner {
             self.refusals.invalidate(&key).await;
         }
         recorded
+    }
+
+    /// Forgets everything synced (after change notices may have been missed).
+    pub fn invalidate_all(&self) {
+        self.synced.invalidate_all();
+        self.members.invalidate_all();
     }
 
     /// Forgets what was synced for an affected user, organization or membership, so the next request

@@ -7,7 +7,7 @@
 use super::audit::{self, ACTOR, AuditKind, Event};
 use super::naming;
 use super::schemas::{self, SchemaError};
-use crate::identity::{Identity, RolePlan, RoleSource};
+use crate::identity::{Identity, Origin, RolePlan, RoleSource};
 use chrono::{DateTime, Utc};
 use entity::{memberships, organizations, users};
 use sea_orm::sea_query::{Alias, Expr, ExprTrait, OnConflict, Query, SelectStatement};
@@ -39,10 +39,14 @@ pub struct SyncRequest<'a> {
     pub tenant: Option<&'a TenantTarget>,
     /// How the membership's role is decided.
     pub role: Option<&'a RolePlan>,
+    /// Where an organization or membership this request creates comes from.
+    pub origin: Origin,
     /// `--tenant-schema` template (PostgreSQL only).
     pub tenant_schema: Option<&'a str>,
     /// This transaction's time, truncated to microseconds (what PostgreSQL stores).
     pub now: DateTime<Utc>,
+    /// When the token was issued (`iat`), if it says.
+    pub issued_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug)]
@@ -181,17 +185,13 @@ async fn sync_in<'r>(
         (Some(_), Some(existing)) => Some(existing),
         (Some(target), None) => {
             let (org, created) =
-                insert_organization(txn, target, issuer, req.tenant_schema, req.now).await?;
+                create_organization(txn, target, issuer, req.origin, req.tenant_schema, req.now)
+                    .await?;
             if created {
                 events.push(ev(
                     AuditKind::OrganizationCreated,
                     json!({"name": org.name, "slug": org.slug, "schema": org.schema_name}),
                 ));
-                if let Some(schema) = &org.schema_name {
-                    schemas::create(txn, schema)
-                        .await
-                        .map_err(StoreError::from)?;
-                }
             }
             Some(org)
         }
@@ -200,7 +200,13 @@ async fn sync_in<'r>(
     let user = match subject {
         None => None,
         Some(id) => {
-            let after = upsert_user(txn, id, identity, req.now).await?;
+            // A token issued before the last lifecycle event applied to the user (a webhook's newer
+            // profile) does not write its older profile back.
+            let older = match (&user_before, req.issued_at) {
+                (Some(u), Some(iat)) => u.lifecycle_at.is_some_and(|l| iat < l),
+                _ => false,
+            };
+            let after = upsert_user(txn, id, identity, !older, req.now).await?;
             if after.issuer != issuer {
                 // A foreign row appeared between our read and our write; the guarded upsert left it alone.
                 return Err(StoreError::Refused(Refusal::IdentityConflict(format!(
@@ -230,6 +236,7 @@ async fn sync_in<'r>(
                 role: plan.resolve(stored.as_ref()),
                 // Only a token that speaks for this tenant may set its role (and its IdP roles).
                 idp_roles: plan.from_idp.is_some().then_some(identity.roles.as_slice()),
+                origin: req.origin,
                 now: req.now,
             };
             let after = upsert_membership(txn, &write).await?;
@@ -360,12 +367,31 @@ fn check_org(o: &organizations::Model, issuer: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Creates an organization with its tenant schema (when configured); `true` when this call created it,
+/// `false` when a concurrent creator's row was found.
+pub(super) async fn create_organization(
+    txn: &impl ConnectionTrait,
+    target: &TenantTarget,
+    issuer: &str,
+    origin: Origin,
+    tenant_schema: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<(organizations::Model, bool), StoreError> {
+    let (org, created) =
+        insert_organization(txn, target, issuer, origin, tenant_schema, now).await?;
+    if created && let Some(schema) = &org.schema_name {
+        schemas::create(txn, schema).await?;
+    }
+    Ok((org, created))
+}
+
 /// Inserts a new organization; `ON CONFLICT DO NOTHING` covers both a concurrent creator (then its row is
 /// read back and checked) and a slug already taken by another organization (then the next candidate).
 async fn insert_organization(
     txn: &impl ConnectionTrait,
     target: &TenantTarget,
     issuer: &str,
+    origin: Origin,
     tenant_schema: Option<&str>,
     now: DateTime<Utc>,
 ) -> Result<(organizations::Model, bool), StoreError> {
@@ -382,6 +408,9 @@ async fn insert_organization(
             is_active: Set(true),
             metadata: Set(None),
             schema_name: Set(schema_name),
+            lifecycle_at: Set(None),
+            deactivated_by: Set(None),
+            origin: Set(origin.as_str().to_owned()),
             created_at: Set(now),
             updated_at: Set(now),
         };
@@ -412,10 +441,13 @@ async fn insert_organization(
 
 /// `INSERT ... ON CONFLICT (id) DO UPDATE`: profile fields the token carries replace the stored ones
 /// (absent ones are kept), only for the same issuer; `updated_at` moves only when something changed.
+/// `profile` false: the token is older than the last lifecycle event applied to the row (a webhook told
+/// idsync about a newer profile), so only the login time is written.
 async fn upsert_user(
     txn: &impl ConnectionTrait,
     id: &str,
     identity: &Identity,
+    profile: bool,
     now: DateTime<Utc>,
 ) -> Result<users::Model, DbErr> {
     const PROFILE: &[&str] = &[
@@ -430,7 +462,7 @@ async fn upsert_user(
     let mine = r#""users"."issuer" = "excluded"."issuer""#;
     let mut sets: Vec<(&str, String)> = Vec::new();
     let mut changed: Vec<String> = Vec::new();
-    for col in PROFILE {
+    for col in PROFILE.iter().filter(|_| profile) {
         let new = format!(r#"COALESCE("excluded"."{col}", "users"."{col}")"#);
         changed.push(format!(r#""users"."{col}" IS DISTINCT FROM {new}"#));
         sets.push((
@@ -439,14 +471,16 @@ async fn upsert_user(
         ));
     }
     // An empty role list is treated as "the token does not carry roles".
-    if !identity.roles.is_empty() {
+    if profile && !identity.roles.is_empty() {
         changed.push(r#""users"."idp_roles" IS DISTINCT FROM "excluded"."idp_roles""#.to_owned());
         sets.push((
             "idp_roles",
             format!(r#"CASE WHEN {mine} THEN "excluded"."idp_roles" ELSE "users"."idp_roles" END"#),
         ));
     }
-    sets.push(("updated_at", format!(r#"CASE WHEN {mine} AND ({}) THEN "excluded"."updated_at" ELSE "users"."updated_at" END"#, changed.join(" OR "))));
+    if !changed.is_empty() {
+        sets.push(("updated_at", format!(r#"CASE WHEN {mine} AND ({}) THEN "excluded"."updated_at" ELSE "users"."updated_at" END"#, changed.join(" OR "))));
+    }
     sets.push((
         "last_login_at",
         format!(
@@ -467,6 +501,8 @@ async fn upsert_user(
         idp_roles: Set(json!(identity.roles)),
         is_active: Set(true),
         last_login_at: Set(Some(now)),
+        lifecycle_at: Set(None),
+        deactivated_by: Set(None),
         created_at: Set(now),
         updated_at: Set(now),
     };
@@ -490,6 +526,7 @@ struct MembershipWrite<'a> {
     role: &'a str,
     /// The token's IdP roles when the token speaks for this tenant; `None` when it does not.
     idp_roles: Option<&'a [String]>,
+    origin: Origin,
     now: DateTime<Utc>,
 }
 
@@ -531,6 +568,9 @@ async fn upsert_membership(
         role_source: Set(RoleSource::Idp.as_str().to_owned()),
         idp_roles: Set(json!(w.idp_roles.unwrap_or_default())),
         is_active: Set(true),
+        lifecycle_at: Set(None),
+        deactivated_by: Set(None),
+        origin: Set(w.origin.as_str().to_owned()),
         created_at: Set(w.now),
         updated_at: Set(w.now),
     };

@@ -11,6 +11,7 @@ const LAYERS: &[&str] = &[
     "config",
     "http",
     "directory",
+    "reconcile",
     "access",
     "provision",
     "oidc",

@@ -144,13 +144,14 @@ fn migrate_subcommand_applies_and_reports_migrations() {
     assert!(status.contains("applied  m20261122_000001_identity_tables"));
     assert!(status.contains("applied  m20261201_000002_membership_role_source"));
     assert!(status.contains("applied  m20261201_000003_organization_schema_name"));
+    assert!(status.contains("applied  m20261201_000004_lifecycle"));
     run("down");
     let status = run("status");
     assert!(
-        status.contains("applied  m20261201_000002_membership_role_source"),
+        status.contains("applied  m20261201_000003_organization_schema_name"),
         "down reverts one"
     );
-    assert!(status.contains("pending  m20261201_000003_organization_schema_name"));
+    assert!(status.contains("pending  m20261201_000004_lifecycle"));
 }
 
 /// docs/configuration.md is the `--help` text of every command; this fails when they drift.
@@ -166,6 +167,7 @@ fn configuration_reference_matches_the_help_text() {
         &["users", "--help"],
         &["memberships", "--help"],
         &["healthcheck", "--help"],
+        &["reconcile", "--help"],
     ];
     let mut doc = String::from(
         "# Configuration reference\n\nGenerated from `idsync --help` (a test keeps it in step: `IDSYNC_BLESS=1 cargo nextest run configuration_reference` regenerates it). Every flag can also be set through the `IDSYNC_*` variable shown with it.\n",

@@ -692,6 +692,8 @@ async fn an_id_owned_by_another_issuer_is_never_merged(db: TestDb) {
         idp_roles: Set(json!([])),
         is_active: Set(true),
         last_login_at: Set(None),
+        lifecycle_at: Set(None),
+        deactivated_by: Set(None),
         created_at: Set(now),
         updated_at: Set(now),
     }
@@ -735,6 +737,9 @@ async fn an_id_owned_by_another_issuer_is_never_merged(db: TestDb) {
         is_active: Set(true),
         metadata: Set(None),
         schema_name: Set(None),
+        lifecycle_at: Set(None),
+        deactivated_by: Set(None),
+        origin: Set("idp".into()),
         created_at: Set(now),
         updated_at: Set(now),
     }
