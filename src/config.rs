@@ -51,7 +51,9 @@ pub struct ServeArgs {
     #[arg(long, env = "IDSYNC_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: String,
 
-    /// The app behind idsync, usually http://127.0.0.1:3000. Required.
+    /// The app behind idsync, usually http://127.0.0.1:3000 (HTTP/1.1; requests that came in over HTTP/2
+    /// are re-spoken as 1.1). `h2c://127.0.0.1:50051` speaks HTTP/2 with prior knowledge to the app
+    /// instead: what a gRPC server needs. Required.
     #[arg(long, env = "IDSYNC_UPSTREAM")]
     pub upstream: Option<String>,
 
@@ -93,6 +95,18 @@ pub struct ServeArgs {
     /// Log level or tracing filter directives (e.g. `info,idsync=debug`).
     #[arg(long, env = "IDSYNC_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+
+    /// Export traces over OTLP/HTTP (protobuf) to this collector, a base URL (`/v1/traces` is appended),
+    /// e.g. http://otel-collector:4318. Unset: the standard OTEL_EXPORTER_OTLP_TRACES_ENDPOINT (used as
+    /// is) or OTEL_EXPORTER_OTLP_ENDPOINT (a base URL) are read instead; none set (or OTEL_SDK_DISABLED=true):
+    /// no spans are made. Headers (OTEL_EXPORTER_OTLP_HEADERS) and the sampler (OTEL_TRACES_SAMPLER) follow
+    /// the standard variables.
+    #[arg(long, env = "IDSYNC_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// `service.name` on exported spans. Unset: OTEL_SERVICE_NAME, else `idsync`.
+    #[arg(long, env = "IDSYNC_OTEL_SERVICE_NAME")]
+    pub otel_service_name: Option<String>,
 
     /// Allow http:// issuers and JWKS URLs on non-loopback hosts (never do this in production).
     #[arg(long, env = "IDSYNC_ALLOW_INSECURE_ISSUERS")]
@@ -138,8 +152,8 @@ pub struct ServeArgs {
     pub token_cache_size: String,
 
     /// Memory all caches together may hold (verified tokens 56 %, synced identities 36 %, membership
-    /// lookups and audited refusals 4 % each), e.g. 64MiB, 1GiB. With the process's idle footprint this
-    /// sizes the container's memory limit; no traffic pattern can grow the caches past it.
+    /// lookups and audited refusals 4 % each), e.g. 64MiB, 1GiB; no traffic pattern can grow the caches
+    /// past it. Size the container's memory limit at 40 MiB + twice this (measured: README).
     #[arg(long, env = "IDSYNC_CACHE_MAX_MEMORY", default_value = "64MiB")]
     pub cache_max_memory: String,
 
@@ -350,6 +364,8 @@ pub struct Settings {
     pub database_timeout: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// Where traces go; `None`: tracing off.
+    pub trace: Option<crate::telemetry::trace::TraceSettings>,
     pub shutdown_timeout: Duration,
     pub header_read_timeout: Duration,
     pub migrate: bool,
@@ -549,6 +565,7 @@ impl ServeArgs {
                 .map(|_| self.log_level.clone())
                 .map_err(|e| e.to_string()),
         );
+        let trace = self.trace(p);
         let migrate = p.choice(
             "--migrate",
             &self.migrate,
@@ -592,11 +609,16 @@ impl ServeArgs {
             database_timeout: database_timeout?,
             log_format: log_format?,
             log_level: log_level?,
+            trace: trace?,
             shutdown_timeout: listeners.shutdown_timeout,
             header_read_timeout: listeners.header_read_timeout,
             migrate: migrate?,
             policy: policy?,
-            sync: sync?,
+            sync: {
+                let mut sync = sync?;
+                sync.write_timeout = database_timeout?;
+                sync
+            },
             on_db_error: on_db_error?,
             logout_retention: logout_retention?,
         })
@@ -642,6 +664,53 @@ impl ServeArgs {
         })
     }
 
+    /// Trace export: the flag, else the standard OpenTelemetry variables (read here, once).
+    fn trace(&self, p: &mut Problems) -> Option<Option<crate::telemetry::trace::TraceSettings>> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        let disabled =
+            env("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        let base = |u: &str| format!("{}/v1/traces", u.trim_end_matches('/'));
+        let (endpoint, from) = match (
+            &self.otlp_endpoint,
+            env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+            env("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ) {
+            (Some(u), _, _) => (base(u), "--otlp-endpoint"),
+            (None, Some(u), _) => (u, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+            (None, None, Some(u)) => (base(&u), "OTEL_EXPORTER_OTLP_ENDPOINT"),
+            (None, None, None) => return Some(None),
+        };
+        if disabled && self.otlp_endpoint.is_none() {
+            return Some(None);
+        }
+        let protocol = env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            .or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"));
+        if let Some(proto) = protocol.filter(|v| v != "http/protobuf") {
+            p.push(format!(
+                "OTEL_EXPORTER_OTLP_PROTOCOL={proto}: idsync exports OTLP over HTTP with protobuf only (http/protobuf, port 4318 on a collector)"
+            ));
+            return None;
+        }
+        let endpoint = p.take(
+            from,
+            Url::parse(&endpoint)
+                .map_err(|e| format!("`{endpoint}`: {e}"))
+                .and_then(|u| match u.scheme() {
+                    "http" | "https" if u.host().is_some() => Ok(u.to_string()),
+                    _ => Err(format!("`{endpoint}`: must be an http:// or https:// URL")),
+                }),
+        )?;
+        let service_name = self
+            .otel_service_name
+            .clone()
+            .or_else(|| env("OTEL_SERVICE_NAME"))
+            .unwrap_or_else(|| "idsync".into());
+        Some(Some(crate::telemetry::trace::TraceSettings {
+            endpoint,
+            service_name,
+        }))
+    }
+
     /// The upstream URL, validated here once: `http://` with a host (the app runs next to idsync).
     fn upstream(&self, p: &mut Problems) -> Option<Url> {
         let Some(raw) = &self.upstream else {
@@ -655,8 +724,8 @@ impl ServeArgs {
             Url::parse(raw)
                 .map_err(|e| format!("`{raw}`: {e}"))
                 .and_then(|u| {
-                    if u.scheme() != "http" {
-                        Err("must be an http:// URL (the app runs next to idsync)".into())
+                    if u.scheme() != "http" && u.scheme() != "h2c" {
+                        Err("must be an http:// or h2c:// URL (the app runs next to idsync)".into())
                     } else if u.host().is_none() {
                         Err("has no host".into())
                     } else if u.query().is_some() || u.fragment().is_some() {
@@ -854,6 +923,8 @@ impl ServeArgs {
             },
             cache_ttl: cache_ttl?,
             last_seen_interval: last_seen_interval?,
+            // Set from --database-timeout when the settings are assembled.
+            write_timeout: Duration::from_secs(3),
         })
     }
 }

@@ -135,6 +135,8 @@ async fn prepare_schema(
 
 impl Application {
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        // The recorder first: metrics registered while building (counters exposed at zero) must land in it.
+        let metrics = crate::telemetry::metrics();
         let mut background = Vec::new();
         let pass = settings.on_db_error == OnDbError::Pass;
         let mut db = connect_database(settings, pass).await?;
@@ -223,7 +225,17 @@ impl Application {
             db.clone(),
             settings.sync.tenant_schema.clone(),
         ));
+        let tracer = match &settings.trace {
+            None => None,
+            Some(t) => {
+                let tracer = crate::telemetry::trace::Tracer::start(t)
+                    .context("--otlp-endpoint: the OTLP exporter")?;
+                tracing::info!(endpoint = %t.endpoint, service = %t.service_name, "exporting traces over OTLP/HTTP");
+                Some(Arc::new(tracer))
+            }
+        };
         let state = Arc::new(AppState {
+            tracer,
             gatekeeper: gatekeeper.clone(),
             upstream,
             names,
@@ -236,12 +248,22 @@ impl Application {
             .clamp(Duration::from_millis(100), Duration::from_secs(5));
         background.push(tokio::spawn(provisioner.clone().run_last_seen(flush_every)));
 
-        let metrics = crate::telemetry::metrics();
         let upkeep = metrics.clone();
+        let caches = gatekeeper.clone();
         background.push(tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(5)).await;
+                // What the caches hold against --cache-max-memory, for sizing the memory limit.
+                let tokens = caches.tokens();
+                let (synced, synced_bytes) = caches.provisioner().cache_stats();
+                for (cache, entries, bytes) in [
+                    ("tokens", tokens.entry_count(), tokens.weight()),
+                    ("identities", synced, synced_bytes),
+                ] {
+                    metrics::gauge!("idsync_cache_entries", "cache" => cache).set(entries as f64);
+                    metrics::gauge!("idsync_cache_bytes", "cache" => cache).set(bytes as f64);
+                }
                 upkeep.run_upkeep();
+                tokio::time::sleep(Duration::from_secs(5)).await;
             }
         }));
 
@@ -300,18 +322,22 @@ impl Application {
         let (tx, rx) = tokio::sync::watch::channel(false);
         let proxy = crate::http::server::serve(
             self.proxy_listener,
-            edge::router(self.state.clone()),
+            edge::Edge::new(self.state.clone()),
             self.header_read_timeout,
             rx.clone(),
         );
         let admin = crate::http::server::serve(
             self.admin_listener,
-            admin::router(self.admin.clone(), self.api.clone()),
+            Arc::new(crate::http::server::Routes(admin::router(
+                self.admin.clone(),
+                self.api.clone(),
+            ))),
             self.header_read_timeout,
             rx.clone(),
         );
         let mut proxy = tokio::spawn(proxy);
         let mut admin = tokio::spawn(admin);
+        let access_log = tokio::spawn(crate::telemetry::access::flush_periodically());
 
         tokio::select! {
             _ = shutdown => {}
@@ -332,10 +358,16 @@ impl Application {
         for task in &self.background {
             task.abort();
         }
+        access_log.abort();
+        crate::telemetry::access::flush();
         match self.state.gatekeeper.provisioner().flush_last_seen().await {
             Ok(n) if n > 0 => tracing::info!(users = n, "pending last-login times written"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "pending last-login times could not be written"),
+        }
+        if let Some(tracer) = self.state.tracer.clone() {
+            // Sends what is still batched; bounded by the exporter's timeout.
+            let _ = tokio::task::spawn_blocking(move || tracer.shutdown()).await;
         }
         tracing::info!("stopped");
         Ok(())

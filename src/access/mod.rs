@@ -142,12 +142,15 @@ impl Gatekeeper {
     ) -> Result<Arc<Authenticated>, AccessError> {
         let key = self.tokens.enabled().then(|| token_key(token));
         let hit = match &key {
-            Some(k) => self.tokens.get(k, now).await?,
+            Some(k) => self.tokens.get(k, now)?,
             None => None,
         };
         let authenticated = match hit {
             Some(hit) => {
-                metrics::counter!("idsync_token_cache_total", "outcome" => "hit").increment(1);
+                static HITS: std::sync::LazyLock<metrics::Counter> = std::sync::LazyLock::new(
+                    || metrics::counter!("idsync_token_cache_total", "outcome" => "hit"),
+                );
+                HITS.increment(1);
                 hit
             }
             None => {
@@ -171,6 +174,7 @@ impl Gatekeeper {
         now: i64,
         key: Option<tokens::TokenKey>,
     ) -> Result<Arc<Authenticated>, AccessError> {
+        let _span = crate::telemetry::trace::child("idsync.verify");
         let started = std::time::Instant::now();
         let verified = self.registry.verify(token, now).await;
         metrics::histogram!("idsync_verify_seconds").record(started.elapsed().as_secs_f64());
@@ -194,9 +198,10 @@ impl Gatekeeper {
             expires_at: verified.expires_at,
             sid,
             issued_at,
+            memo: tokens::MemoSlot::default(),
         });
         if let Some(key) = key {
-            self.tokens.insert(key, authenticated.clone()).await;
+            self.tokens.insert(key, authenticated.clone());
         }
         Ok(authenticated)
     }
@@ -210,9 +215,26 @@ impl Gatekeeper {
         now: i64,
     ) -> Result<Admission, AccessError> {
         let authenticated = self.authenticate(token, now).await?;
+        // The same token asking for the same tenant as last time, nothing invalidated since: the same
+        // answer, without deciding again or looking the sync cache up.
+        let epoch = self.provisioner.epoch();
+        if let Some(memo) = authenticated.memo.load()
+            && memo.epoch == epoch
+            && memo.requested.as_ref() == requested
+            && std::time::Instant::now() < memo.synced.until()
+        {
+            self.provisioner
+                .touch(&memo.synced, &authenticated.identity);
+            return Ok(Admission {
+                view: memo.synced.view().clone(),
+                authenticated,
+            });
+        }
         if self.database_resting() {
             return self.pass_resting(authenticated, requested).await;
         }
+        // The decision and the rows, from the membership lookup to the write (or the sync-cache hit).
+        let _span = crate::telemetry::trace::child("idsync.sync");
         let identity = &authenticated.identity;
         let target = policy::target(identity, requested, &self.policy)?;
         let stored = match target.needs_membership(identity) {
@@ -245,13 +267,23 @@ impl Gatekeeper {
         };
         match self
             .provisioner
-            .sync(identity, &decision.plan, authenticated.issued_at)
+            .sync_entry(identity, &decision.plan, authenticated.issued_at)
             .await
         {
-            Ok(view) => Ok(Admission {
-                authenticated,
-                view,
-            }),
+            Ok(synced) => {
+                let view = synced.view().clone();
+                if self.provisioner.caching() {
+                    authenticated.memo.store(tokens::Memo {
+                        requested: requested.cloned(),
+                        epoch,
+                        synced,
+                    });
+                }
+                Ok(Admission {
+                    authenticated,
+                    view,
+                })
+            }
             Err(ProvisionError::Database(e)) if self.on_db_error == OnDbError::Pass => {
                 self.pass(authenticated, requested, &e.to_string())
             }

@@ -235,13 +235,17 @@ pub fn decide_offline(
     )?;
     let view = Provisioned {
         user_id: identity.subject.as_ref().map(|s| s.to_string()),
-        email: identity.email.clone(),
-        name: identity.name.clone(),
-        tenant_id: decision.plan.tenant.as_ref().map(|t| t.id.clone()),
-        tenant_name: decision.plan.tenant.as_ref().map(|t| t.name.clone()),
+        email: identity.email.as_deref().map(str::to_owned),
+        name: identity.name.as_deref().map(str::to_owned),
+        tenant_id: decision.plan.tenant.as_ref().map(|t| t.id.as_str().into()),
+        tenant_name: decision
+            .plan
+            .tenant
+            .as_ref()
+            .map(|t| t.name.as_str().into()),
         tenant_slug: None,
         tenant_schema: None,
-        role: decision.role.clone(),
+        role: decision.role.as_deref().map(Into::into),
         idp_roles_apply: decision.plan.idp_roles_apply,
         synced: false,
     };

@@ -1,15 +1,12 @@
-//! Verified tokens, remembered until their `exp` (moka, keyed by SHA-256 of the token, so the token
-//! itself is never kept). A hit is honoured only while the issuer still publishes the very key that
-//! verified it.
+//! Verified tokens, remembered until their `exp` (keyed by SHA-256 of the token, so the token itself is
+//! never kept). A hit is honoured only while the issuer still publishes the very key that verified it.
 
 use super::issuers::Issuer;
 use crate::identity::Identity;
 use crate::oidc::{KeyFingerprint, VerifyError};
 use crate::provision::CacheBudget;
-use moka::Expiry;
-use moka::future::Cache;
+use crate::provision::cache::{Bounded, HeapSize};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 /// A verified token mapped to its identity; what the token cache holds.
 #[derive(Debug)]
@@ -23,6 +20,36 @@ pub struct Authenticated {
     pub sid: Option<Box<str>>,
     /// `iat`, for logouts that end every token of a user issued before them.
     pub issued_at: Option<i64>,
+    /// The last admission of this token, so a repeated request skips the decision and the sync lookup.
+    pub memo: MemoSlot,
+}
+
+/// What a token's last admission decided, valid while nothing was invalidated since (`epoch`) and the
+/// synced entry is still trusted.
+pub struct Memo {
+    /// The tenant the request asked for (`X-Tenant-Id`), if any.
+    pub requested: Option<crate::identity::TenantId>,
+    pub epoch: u64,
+    pub synced: crate::provision::Synced,
+}
+
+#[derive(Default)]
+pub struct MemoSlot(arc_swap::ArcSwapOption<Memo>);
+
+impl MemoSlot {
+    pub fn load(&self) -> Option<Arc<Memo>> {
+        self.0.load_full()
+    }
+
+    pub fn store(&self, memo: Memo) {
+        self.0.store(Some(Arc::new(memo)));
+    }
+}
+
+impl std::fmt::Debug for MemoSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MemoSlot")
+    }
 }
 
 impl std::fmt::Debug for Issuer {
@@ -40,111 +67,73 @@ pub fn token_key(token: &str) -> TokenKey {
     key
 }
 
-struct UntilExp;
-
-impl Expiry<TokenKey, Arc<Authenticated>> for UntilExp {
-    fn expire_after_create(
-        &self,
-        _: &TokenKey,
-        value: &Arc<Authenticated>,
-        _: Instant,
-    ) -> Option<Duration> {
-        let remaining = value
-            .expires_at
-            .saturating_sub(crate::oidc::unix_now())
-            .max(0);
-        Some(Duration::from_secs(remaining as u64))
-    }
-}
-
-/// `None` inside when `--token-cache-size 0`: every request pays the signature check.
+/// Holds nothing with `--token-cache-size 0`: every request pays the signature check.
 pub struct TokenCache {
-    cache: Option<Cache<TokenKey, Arc<Authenticated>>>,
+    cache: Bounded<TokenKey, Arc<Authenticated>>,
     leeway_secs: i64,
 }
 
-impl Authenticated {
+impl HeapSize for Authenticated {
     fn heap_size(&self) -> usize {
-        std::mem::size_of::<Self>() + 32 + self.identity.heap_size()
+        // The memo: an Arc'd `Memo` (the synced entry it points to is the sync cache's).
+        std::mem::size_of::<Self>() + self.identity.heap_size() + 64
     }
 }
 
 impl TokenCache {
     /// Disabled when the budget allows no entries (`--token-cache-size 0`).
     pub fn new(budget: CacheBudget, leeway_secs: i64) -> Self {
-        let cache = budget.enabled().then(|| {
-            Cache::builder()
-                .max_capacity(budget.bytes)
-                .weigher(move |_, v: &Arc<Authenticated>| budget.weigh(v.heap_size()))
-                .expire_after(UntilExp)
-                .support_invalidation_closures()
-                .build()
-        });
-        Self { cache, leeway_secs }
+        Self {
+            cache: Bounded::new(budget),
+            leeway_secs,
+        }
     }
 
     pub fn enabled(&self) -> bool {
-        self.cache.is_some()
+        self.cache.enabled()
     }
 
     /// A cached verification still good at `now`: not expired and its key still published. A hit whose key
     /// is gone is dropped, so the token is verified afresh (and refused).
-    pub async fn get(
-        &self,
-        key: &TokenKey,
-        now: i64,
-    ) -> Result<Option<Arc<Authenticated>>, VerifyError> {
-        let Some(cache) = &self.cache else {
+    pub fn get(&self, key: &TokenKey, now: i64) -> Result<Option<Arc<Authenticated>>, VerifyError> {
+        let Some(hit) = self.cache.get(key) else {
             return Ok(None);
         };
-        let Some(hit) = cache.get(key).await else {
-            return Ok(None);
-        };
-        // moka's expiry has second granularity and may hold an entry a little past `exp`; time and
-        // key trust are re-checked for free.
         if hit.expires_at <= now - self.leeway_secs {
-            cache.invalidate(key).await;
+            self.cache.remove(key);
             return Ok(None);
         }
         match crate::oidc::still_trusted(&hit.issuer.trust, hit.key) {
             Ok(()) => Ok(Some(hit)),
             Err(VerifyError::KeysUnavailable(k)) => Err(VerifyError::KeysUnavailable(k)),
             Err(_) => {
-                cache.invalidate(key).await;
+                self.cache.remove(key);
                 Ok(None)
             }
         }
     }
 
-    pub async fn insert(&self, key: TokenKey, value: Arc<Authenticated>) {
-        if let Some(cache) = &self.cache {
-            cache.insert(key, value).await;
-        }
+    pub fn insert(&self, key: TokenKey, value: Arc<Authenticated>) {
+        self.cache.insert(key, value);
     }
 
     /// Drops every cached token of `subject`, so its next request is verified and synced afresh.
     pub fn invalidate_subject(&self, subject: &str) {
-        if let Some(cache) = &self.cache {
-            let subject = subject.to_owned();
-            cache
-                .invalidate_entries_if(move |_, v| {
-                    v.identity
-                        .subject
-                        .as_ref()
-                        .is_some_and(|s| s.as_str() == subject)
-                })
-                .expect("the token cache is built with invalidation closures");
-        }
+        self.cache.retain(|_, v| {
+            v.identity
+                .subject
+                .as_ref()
+                .is_none_or(|s| s.as_str() != subject)
+        });
     }
 
     pub fn entry_count(&self) -> u64 {
-        self.cache.as_ref().map_or(0, |c| c.entry_count())
+        self.cache.len() as u64
     }
 
-    pub async fn run_pending_tasks(&self) {
-        if let Some(c) = &self.cache {
-            c.run_pending_tasks().await;
-        }
+    /// Estimated bytes held.
+    pub fn weight(&self) -> u64 {
+        self.cache.weight()
     }
 }
 
@@ -206,6 +195,7 @@ mod tests {
             expires_at: crate::oidc::unix_now() + 3600,
             sid: None,
             issued_at: None,
+            memo: MemoSlot::default(),
         })
     }
 
@@ -220,9 +210,8 @@ mod tests {
         // 500 tokens each carrying 10 KB of Frontegg metadata: 5 MB if counted by entries.
         for i in 0..500 {
             let key = token_key(&format!("token-{i}"));
-            cache.insert(key, authenticated(&issuer, i, 10_000)).await;
+            cache.insert(key, authenticated(&issuer, i, 10_000));
         }
-        cache.run_pending_tasks().await;
         let held = cache.entry_count();
         assert!(
             held <= (1 << 20) / 10_000,
@@ -242,11 +231,8 @@ mod tests {
             60,
         );
         for i in 0..200 {
-            cache
-                .insert(token_key(&format!("t-{i}")), authenticated(&issuer, i, 0))
-                .await;
+            cache.insert(token_key(&format!("t-{i}")), authenticated(&issuer, i, 0));
         }
-        cache.run_pending_tasks().await;
         assert!(cache.entry_count() <= 50, "{}", cache.entry_count());
     }
 }

@@ -53,10 +53,19 @@ impl CorsPolicy {
     }
 }
 
+/// As middleware, for idsync's own endpoints.
 pub async fn layer(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let policy = &state.cors;
+    around(&state.cors, req, |req| next.run(req)).await
+}
+
+/// Runs `inner` for `req` under `policy`: preflights answered here, CORS headers added or stripped.
+pub async fn around<F, Fut>(policy: &CorsPolicy, req: Request, inner: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     if !policy.enabled() {
-        return next.run(req).await;
+        return inner(req).await;
     }
     let origin = req.headers().get(header::ORIGIN).cloned();
     let preflight = req.method() == Method::OPTIONS
@@ -80,7 +89,7 @@ pub async fn layer(State(state): State<Arc<AppState>>, req: Request, next: Next)
                 }
                 r
             } else {
-                next.run(req).await
+                inner(req).await
             };
             let h = response.headers_mut();
             h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
@@ -98,7 +107,7 @@ pub async fn layer(State(state): State<Arc<AppState>>, req: Request, next: Next)
         // A preflight from an origin that is not allowed gets no CORS headers, so the browser refuses.
         Some(_) if preflight => (StatusCode::FORBIDDEN, Body::empty()).into_response(),
         _ => {
-            let mut response = next.run(req).await;
+            let mut response = inner(req).await;
             strip_cors(&mut response);
             response
                 .headers_mut()

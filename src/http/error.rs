@@ -73,6 +73,8 @@ impl From<crate::access::AccessError> for ApiError {
 pub struct ErrorId {
     pub id: String,
     pub code: &'static str,
+    /// The `error_description` the client was given (for a gRPC client, its `grpc-message`).
+    pub message: Box<str>,
 }
 
 impl ApiError {
@@ -126,16 +128,21 @@ impl IntoResponse for ApiError {
             }
             _ => None,
         };
+        let trace_id = crate::telemetry::trace::current_trace_id().map(|t| t.to_string());
         if status.is_server_error() {
-            tracing::warn!(error_id, error = self.code(), status = status.as_u16(), reason = %description, detail, "request failed");
+            tracing::warn!(error_id, trace_id, error = self.code(), status = status.as_u16(), reason = %description, detail, "request failed");
         } else {
-            tracing::info!(error_id, error = self.code(), status = status.as_u16(), reason = %description, "request refused");
+            tracing::info!(error_id, trace_id, error = self.code(), status = status.as_u16(), reason = %description, "request refused");
         }
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "error": self.code(),
             "error_description": description,
             "error_id": error_id,
         });
+        if let Some(t) = trace_id {
+            body["trace_id"] = serde_json::Value::String(t);
+        }
+        let message = description.clone().into_boxed_str();
         let mut response = (status, Json(body)).into_response();
         if matches!(self, Self::InvalidToken(_)) {
             // RFC 6750 section 3: the description is a quoted-string, so `"` and `\` must not appear raw.
@@ -159,9 +166,11 @@ impl IntoResponse for ApiError {
         response
             .headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        response
-            .extensions_mut()
-            .insert(ErrorId { id: error_id, code });
+        response.extensions_mut().insert(ErrorId {
+            id: error_id,
+            code,
+            message,
+        });
         response
     }
 }

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod cors;
 pub mod error;
 pub mod forwarded;
+pub mod grpc;
 pub mod headers;
 pub mod lifecycle;
 pub mod paths;
@@ -16,11 +17,12 @@ pub mod server;
 
 use crate::access::{Admission, Gatekeeper};
 use crate::directory::Directory;
+use crate::telemetry::trace;
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use error::{ApiError, ErrorId};
@@ -29,6 +31,7 @@ use http::{HeaderMap, StatusCode};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use tower::ServiceExt as _;
 
 /// Everything a request needs; built once by `startup`.
 pub struct AppState {
@@ -42,25 +45,141 @@ pub struct AppState {
     pub forward_auth_uri_header: Option<http::HeaderName>,
     pub directory: Arc<Directory>,
     pub cors: cors::CorsPolicy,
+    /// Set when traces are exported (`--otlp-endpoint`, `OTEL_EXPORTER_OTLP_*`).
+    pub tracer: Option<Arc<trace::Tracer>>,
 }
 
-/// Who a request was for, for the access log.
-#[derive(Clone, Debug, Default)]
-struct LogIdentity {
-    user_id: Option<String>,
-    tenant_id: Option<String>,
-}
+/// Who a request was for, for the access log: the view the request was admitted with.
+#[derive(Clone, Debug)]
+struct LogIdentity(Arc<crate::provision::Provisioned>);
 
 impl LogIdentity {
     fn of(admission: &Admission) -> Self {
-        Self {
-            user_id: admission.view.user_id.clone(),
-            tenant_id: admission.view.tenant_id.clone(),
+        Self(admission.view.clone())
+    }
+}
+
+/// The proxy listener: every request not under `/.idsync/` goes straight to the reverse proxy (no router,
+/// no middleware stack: this is the path every request of the app takes); idsync's own endpoints go
+/// through `router`. Both are CORS-wrapped and access-logged here.
+pub struct Edge {
+    state: Arc<AppState>,
+    router: Router,
+}
+
+impl Edge {
+    pub fn new(state: Arc<AppState>) -> Arc<Self> {
+        Arc::new(Self {
+            router: router(state.clone()),
+            state,
+        })
+    }
+}
+
+fn is_idsync_path(path: &str) -> bool {
+    path.strip_prefix("/.idsync")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+impl server::Handler for Edge {
+    fn call(
+        self: Arc<Self>,
+        req: http::Request<hyper::body::Incoming>,
+        peer: SocketAddr,
+    ) -> impl std::future::Future<Output = Response> + Send + 'static {
+        let edge = self;
+        async move {
+            let started = std::time::Instant::now();
+            // Cheap copies (a reference count), kept for the log line after the request is gone.
+            let method = req.method().clone();
+            let uri = req.uri().clone();
+            let span = edge
+                .state
+                .tracer
+                .as_ref()
+                .map(|t| t.request(&method, uri.path(), req.headers(), req.version()));
+            let trace_id = match &span {
+                Some(s) => Some(s.trace_id()),
+                None => trace::incoming_trace_id(req.headers()),
+            };
+            let handled = edge.handle(req.map(Body::new), peer, uri.path());
+            let response = match (&span, trace_id) {
+                (Some(s), Some(id)) => {
+                    use opentelemetry::context::FutureExt as _;
+                    trace::with_trace_id(id, handled.with_context(s.context().clone())).await
+                }
+                (None, Some(id)) => trace::with_trace_id(id, handled).await,
+                (_, None) => handled.await,
+            };
+            let error = response.extensions().get::<ErrorId>();
+            let who = response.extensions().get::<LogIdentity>();
+            if let Some(span) = span {
+                span.finish(
+                    response.status().as_u16(),
+                    error.map(|e| e.code),
+                    who.and_then(|w| w.0.user_id.as_deref()),
+                    who.and_then(|w| w.0.tenant_id.as_deref()),
+                );
+            }
+            log_request(&method, uri.path(), &response, started, trace_id);
+            response
         }
     }
 }
 
-/// The main listener's routes: forward-auth under `/.idsync/`, everything else proxied.
+impl Edge {
+    async fn handle(&self, mut req: Request, peer: SocketAddr, path: &str) -> Response {
+        if is_idsync_path(path) {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            match self.router.clone().oneshot(req).await {
+                Ok(r) => r,
+                Err(e) => match e {},
+            }
+        } else {
+            let state = &self.state;
+            let grpc = grpc::is_grpc(req.headers());
+            let response =
+                cors::around(&state.cors, req, |req| reverse_proxy(state, peer, req)).await;
+            if grpc {
+                grpc::refusal(response)
+            } else {
+                response
+            }
+        }
+    }
+}
+
+/// One line per request (`telemetry::access`) and the request counter; the query string is never
+/// logged (it may carry secrets).
+fn log_request(
+    method: &http::Method,
+    path: &str,
+    response: &Response,
+    started: std::time::Instant,
+    trace_id: Option<trace::TraceId>,
+) {
+    use std::sync::LazyLock;
+    static FORWARDED: LazyLock<metrics::Counter> =
+        LazyLock::new(|| metrics::counter!("idsync_requests_total", "outcome" => "forwarded"));
+    let error = response.extensions().get::<ErrorId>();
+    match error {
+        None => FORWARDED.increment(1),
+        Some(e) => metrics::counter!("idsync_requests_total", "outcome" => e.code).increment(1),
+    }
+    let who = response.extensions().get::<LogIdentity>();
+    crate::telemetry::access::record(&crate::telemetry::access::Line {
+        method: method.as_str(),
+        path,
+        status: response.status().as_u16(),
+        user_id: who.and_then(|w| w.0.user_id.as_deref()),
+        tenant_id: who.and_then(|w| w.0.tenant_id.as_deref()),
+        latency_us: started.elapsed().as_micros() as u64,
+        error_id: error.map(|e| e.id.as_str()),
+        trace_id,
+    });
+}
+
+/// idsync's own endpoints under `/.idsync/`; anything else that reaches it is proxied.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/.idsync/auth", any(forward_auth))
@@ -74,10 +193,17 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/.idsync/{*rest}",
             any(|| async { ApiError::NotFound("no such idsync endpoint".into()) }),
         )
-        .fallback(reverse_proxy)
+        .fallback(proxy_fallback)
         .layer(middleware::from_fn_with_state(state.clone(), cors::layer))
-        .layer(middleware::from_fn(access_log))
         .with_state(state)
+}
+
+async fn proxy_fallback(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
+    reverse_proxy(&state, client, req).await
 }
 
 /// `GET /.idsync/me`: the caller's synced profile, the active tenant and every tenant they may switch to.
@@ -183,16 +309,12 @@ async fn pipeline(
     Ok(Some(admitted))
 }
 
-async fn reverse_proxy(
-    State(state): State<Arc<AppState>>,
-    ConnectInfo(client): ConnectInfo<SocketAddr>,
-    mut req: Request,
-) -> Response {
+async fn reverse_proxy(state: &AppState, client: SocketAddr, mut req: Request) -> Response {
     let path = match paths::canonical(req.uri().path()) {
         Ok(p) => p,
         Err(e) => return ApiError::InvalidRequest(e.to_string()).into_response(),
     };
-    let admitted = match pipeline(&state, req.headers_mut(), Some(&path)).await {
+    let admitted = match pipeline(state, req.headers_mut(), Some(&path)).await {
         Ok(a) => a,
         Err(e) => return e.into_response(),
     };
@@ -200,10 +322,16 @@ async fn reverse_proxy(
         headers::inject(req.headers_mut(), &state.names, a);
     }
     let valid_until = admitted.as_ref().map(|a| a.authenticated.expires_at);
+    let span = trace::client_child("idsync.upstream");
+    span.inject(req.headers_mut());
     let mut response = match state.upstream.forward(req, client, valid_until).await {
         Ok(r) => r,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            span.fail(e.code());
+            e.into_response()
+        }
     };
+    drop(span);
     if let Some(a) = &admitted {
         response.extensions_mut().insert(LogIdentity::of(a));
     }
@@ -270,33 +398,4 @@ fn original_uri(state: &AppState, req: &Request) -> Result<Option<paths::Request
         .map_err(|_| ApiError::InvalidRequest(format!("{name} is not ASCII text")))?;
     let path = uri.split(['?', '#']).next().unwrap_or_default();
     paths::canonical(path).map(Some).map_err(bad)
-}
-
-/// One structured line per request; the query string is never logged (it may carry secrets).
-async fn access_log(req: Request, next: Next) -> Response {
-    let started = std::time::Instant::now();
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let response = next.run(req).await;
-    let status = response.status().as_u16();
-    let who = response
-        .extensions()
-        .get::<LogIdentity>()
-        .cloned()
-        .unwrap_or_default();
-    let error = response.extensions().get::<ErrorId>();
-    let outcome = error.map_or("forwarded", |e| e.code);
-    metrics::counter!("idsync_requests_total", "outcome" => outcome).increment(1);
-    tracing::info!(
-        target: "idsync::access",
-        %method,
-        path,
-        status,
-        user_id = who.user_id.as_deref(),
-        tenant_id = who.tenant_id.as_deref(),
-        latency_us = started.elapsed().as_micros() as u64,
-        error_id = error.map(|e| e.id.as_str()),
-        "request"
-    );
-    response
 }

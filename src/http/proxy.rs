@@ -1,7 +1,8 @@
-//! Forwarding to the upstream app: streaming bodies both ways, hop-by-hop headers removed
-//! (RFC 9110 section 7.6.1), forwarding headers set (`forwarded`), WebSocket upgrades spliced through
-//! until the token that opened them expires. Other `Upgrade` protocols are not tunnelled: the request
-//! goes on as a plain one.
+//! Forwarding to the upstream app: streaming bodies both ways (trailers included, so gRPC passes),
+//! hop-by-hop headers removed (RFC 9110 section 7.6.1), forwarding headers set (`forwarded`), WebSocket
+//! upgrades spliced through until the token that opened them expires. Other `Upgrade` protocols are not
+//! tunnelled: the request goes on as a plain one. The upstream speaks HTTP/1.1, or HTTP/2 with prior
+//! knowledge for an `h2c://` upstream.
 
 use super::error::ApiError;
 use axum::body::Body;
@@ -20,24 +21,27 @@ pub struct Upstream {
     /// The longest a WebSocket tunnel stays open, token or not (`None`: only the token's `exp` bounds it).
     websocket_max_lifetime: Option<Duration>,
     scheme: http::uri::Scheme,
+    /// HTTP/2 with prior knowledge (`h2c://`), else HTTP/1.1.
+    http2: bool,
     authority: http::uri::Authority,
     /// Path prefix of the upstream URL, without a trailing slash.
     base_path: String,
     response_timeout: Duration,
 }
 
+/// RFC 9110 section 7.6.1. Not `Trailer`: it names the trailer fields end to end, and hyper sends an
+/// HTTP/1.1 client only the trailers it declares.
 const HOP_BY_HOP: &[HeaderName] = &[
     header::CONNECTION,
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
 
 impl Upstream {
-    /// `url` is the validated upstream (`http://` with a host, see `config`).
+    /// `url` is the validated upstream (`http://` or `h2c://` with a host, see `config`).
     pub fn new(
         url: &url::Url,
         connect_timeout: Duration,
@@ -50,15 +54,22 @@ impl Upstream {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(connect_timeout));
         connector.set_nodelay(true);
+        let http2 = url.scheme() == "h2c";
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
+            .http2_only(http2)
+            // Dead HTTP/2 connections are found by pings, not by the next request failing on them.
+            .http2_keep_alive_interval(Some(Duration::from_secs(30)))
+            .http2_keep_alive_timeout(Duration::from_secs(20))
+            .timer(hyper_util::rt::TokioTimer::new())
             .build(connector);
         Ok(Self {
             client,
             trusted,
             websocket_max_lifetime,
             scheme,
+            http2,
             authority,
             base_path: url.path().trim_end_matches('/').to_owned(),
             response_timeout,
@@ -74,31 +85,79 @@ impl Upstream {
         client_addr: SocketAddr,
         valid_until: Option<i64>,
     ) -> Result<Response<Body>, ApiError> {
-        let upgrade = upgrade_protocol(req.headers());
+        // A WebSocket over HTTP/2 would need extended CONNECT (RFC 8441): not offered to h2c upstreams.
+        let upgrade = if self.http2 {
+            None
+        } else {
+            upgrade_protocol(req.headers())
+        };
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
 
-        let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let uri = Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(format!("{}{}", self.base_path, path_and_query))
-            .build()
-            .map_err(|e| ApiError::InvalidRequest(format!("cannot build the upstream URI: {e}")))?;
+        // The client's path and query as they came (a cheap copy) unless the upstream URL has a path.
+        let path_and_query = match (req.uri().path_and_query(), self.base_path.is_empty()) {
+            (Some(p), true) => p.clone(),
+            (p, _) => {
+                let p = p.map_or("/", |p| p.as_str());
+                http::uri::PathAndQuery::try_from(format!("{}{p}", self.base_path)).map_err(
+                    |e| ApiError::InvalidRequest(format!("cannot build the upstream URI: {e}")),
+                )?
+            }
+        };
+        // An HTTP/2 client names the host in `:authority`, not `Host`: give it to the forwarding headers
+        // and an HTTP/1.1 app as `Host`, as an HTTP/1.1 client would have sent it.
+        if !req.headers().contains_key(header::HOST)
+            && let Some(authority) = req.uri().authority()
+            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        {
+            req.headers_mut().insert(header::HOST, host);
+        }
+        let uri = Uri::from_parts({
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(self.scheme.clone());
+            parts.authority = Some(self.authority.clone());
+            parts.path_and_query = Some(path_and_query);
+            parts
+        })
+        .map_err(|e| ApiError::InvalidRequest(format!("cannot build the upstream URI: {e}")))?;
         *req.uri_mut() = uri;
-        // The pool speaks HTTP/1.1; an HTTP/2 client request is re-spoken as 1.1 upstream.
-        *req.version_mut() = Version::HTTP_11;
+        // The upstream's protocol, whatever the client spoke: an HTTP/2 request is re-spoken as 1.1 to
+        // an http:// upstream, and any request as HTTP/2 to an h2c:// one.
+        *req.version_mut() = if self.http2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
         let headers = req.headers_mut();
+        // `TE: trailers` is hop-by-hop, but gRPC servers require it and it means the same on the next
+        // hop: kept when the client sent it and the upstream speaks HTTP/2 (the only TE value HTTP/2
+        // allows).
+        let te_trailers = self.http2
+            && headers
+                .get_all(header::TE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
         remove_hop_by_hop(headers);
+        if te_trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         if let Some(proto) = &upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, proto.clone());
         }
         super::forwarded::apply(headers, &self.trusted, client_addr);
+        if self.http2 {
+            // `:authority` is the upstream's address; the client's host went on as X-Forwarded-Host.
+            headers.remove(header::HOST);
+        }
         ensure_request_id(headers);
 
+        static UPSTREAM_SECONDS: std::sync::LazyLock<metrics::Histogram> =
+            std::sync::LazyLock::new(|| metrics::histogram!("idsync_upstream_seconds"));
         let started = std::time::Instant::now();
         let result = tokio::time::timeout(self.response_timeout, self.client.request(req)).await;
-        metrics::histogram!("idsync_upstream_seconds").record(started.elapsed().as_secs_f64());
+        UPSTREAM_SECONDS.record(started.elapsed().as_secs_f64());
         let mut response = match result {
             Err(_) => return Err(ApiError::UpstreamTimeout),
             Ok(Err(e)) => {
@@ -203,12 +262,35 @@ fn ensure_request_id(headers: &mut HeaderMap) {
         !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(|b| (0x21..0x7f).contains(b))
     });
     if !ok {
-        let id = uuid::Uuid::new_v4().to_string();
-        headers.insert(
-            "x-request-id",
-            HeaderValue::from_str(&id).expect("uuid is ASCII"),
-        );
+        headers.insert("x-request-id", request_id());
     }
+}
+
+/// A fresh request id shaped like a UUID v4, without a system call per request (`Uuid::new_v4` asks
+/// the kernel for randomness each time): a counter mixed with a per-process random seed by SplitMix64,
+/// a bijection, so ids never repeat within a process and collide across processes only by chance.
+fn request_id() -> HeaderValue {
+    use std::sync::LazyLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEED: LazyLock<[u64; 2]> = LazyLock::new(|| {
+        let b = uuid::Uuid::new_v4().as_u128();
+        [b as u64, (b >> 64) as u64]
+    });
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let hi = mix(n.wrapping_add(SEED[0]));
+    let lo = mix(n ^ SEED[1]);
+    let id =
+        uuid::Builder::from_random_bytes(((u128::from(hi) << 64) | u128::from(lo)).to_be_bytes())
+            .into_uuid();
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    HeaderValue::from_bytes(id.hyphenated().encode_lower(&mut buf).as_bytes())
+        .expect("a UUID is ASCII")
 }
 
 #[cfg(test)]
@@ -228,6 +310,18 @@ mod tests {
         h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
+    }
+
+    #[test]
+    fn request_ids_are_uuids_and_do_not_repeat() {
+        let ids: std::collections::HashSet<String> = (0..10_000)
+            .map(|_| request_id().to_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(ids.len(), 10_000);
+        for id in ids.iter().take(10) {
+            let u = uuid::Uuid::parse_str(id).unwrap();
+            assert_eq!(u.get_version_num(), 4, "{id}");
+        }
     }
 
     #[test]

@@ -47,9 +47,9 @@ pub(super) fn opt_str<'a>(
 pub(super) fn opt_profile(
     claims: &Map<String, Value>,
     claim: &str,
-) -> Result<Option<String>, IdentityError> {
+) -> Result<Option<Box<str>>, IdentityError> {
     opt_str(claims, claim)?
-        .map(|s| profile_string(claim, s))
+        .map(|s| profile_string(claim, s).map(String::into_boxed_str))
         .transpose()
 }
 

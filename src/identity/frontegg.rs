@@ -22,7 +22,7 @@ pub(super) fn map(claims: &Map<String, Value>) -> Result<Identity, IdentityError
     identity.permissions = string_list(claims.get("permissions"), "permissions")?;
     identity.metadata = match claims.get("metadata") {
         None | Some(Value::Null) => None,
-        Some(v) => Some(v.clone()),
+        Some(v) => Some(Box::new(v.clone())),
     };
     identity.tenant_sources.push("tenantId".into());
     identity.tenant = opt_tenant(claims, "tenantId")?;

@@ -159,17 +159,17 @@ pub struct Identity {
     pub tenants: Vec<TenantId>,
     /// Display names the token gives for tenants (Keycloak organization aliases).
     pub tenant_names: Vec<(TenantId, String)>,
-    pub email: Option<String>,
+    pub email: Option<Box<str>>,
     pub email_verified: Option<bool>,
-    pub name: Option<String>,
-    pub username: Option<String>,
-    pub given_name: Option<String>,
-    pub family_name: Option<String>,
-    pub avatar_url: Option<String>,
+    pub name: Option<Box<str>>,
+    pub username: Option<Box<str>>,
+    pub given_name: Option<Box<str>>,
+    pub family_name: Option<Box<str>>,
+    pub avatar_url: Option<Box<str>>,
     /// Raw IdP roles, in token order, without duplicates.
     pub roles: Vec<String>,
     pub permissions: Vec<String>,
-    pub metadata: Option<Value>,
+    pub metadata: Option<Box<Value>>,
     /// Where the tenant was looked for, to explain a missing one; empty when a tenant was found.
     #[serde(skip)]
     pub tenant_sources: Vec<String>,
@@ -186,7 +186,7 @@ impl Identity {
 
     /// An estimate of the heap memory this identity holds (strings, lists, metadata), for byte-bounded caches.
     pub fn heap_size(&self) -> usize {
-        let opt = |s: &Option<String>| s.as_ref().map_or(0, String::capacity);
+        let opt = |s: &Option<Box<str>>| s.as_ref().map_or(0, |s| s.len());
         let ids = |v: &[TenantId]| v.iter().map(|t| t.as_str().len() + 16).sum::<usize>();
         opt(&self.email)
             + opt(&self.name)
@@ -295,6 +295,12 @@ pub fn map_claims(
             format!("lists more than {MAX_LIST_ITEMS} tenants"),
         ));
     }
+    // Cached for the token's lifetime: no spare capacity (a one-item Vec grows to room for four).
+    identity.tenants.shrink_to_fit();
+    identity.tenant_names.shrink_to_fit();
+    identity.roles.shrink_to_fit();
+    identity.permissions.shrink_to_fit();
+    identity.tenant_sources.shrink_to_fit();
     Ok(identity)
 }
 

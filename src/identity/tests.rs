@@ -167,7 +167,7 @@ fn frontegg_user_token_maps_tenant_allowed_tenants_and_profile() {
         id.avatar_url.as_deref(),
         Some("https://www.gravatar.com/avatar/6f95f3426d5f501097a0bac63f5164c1?d=identicon")
     );
-    assert_eq!(id.metadata, Some(json!({"plan": "pro"})));
+    assert_eq!(id.metadata.as_deref(), Some(&json!({"plan": "pro"})));
 }
 
 #[test]

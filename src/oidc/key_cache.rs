@@ -96,6 +96,9 @@ impl IssuerKeys {
         client: IdpClient,
         opts: KeyCacheOptions,
     ) -> Self {
+        // Exposed at zero from the start, so rates and alerts on it work before the first suppression.
+        metrics::counter!("idsync_jwks_refetch_suppressed_total", "issuer" => issuer.clone())
+            .increment(0);
         Self {
             issuer,
             source,
@@ -253,6 +256,9 @@ impl IssuerKeys {
                 }
                 metrics::gauge!("idsync_jwks_keys", "issuer" => issuer.clone())
                     .set(set.keys.len() as f64);
+                // For alerting on keys that stopped refreshing: `time() - this` is their age.
+                metrics::gauge!("idsync_jwks_last_success_timestamp_seconds", "issuer" => issuer.clone())
+                    .set(crate::oidc::unix_now() as f64);
                 self.current.store(Some(Arc::new(set)));
                 self.generation.fetch_add(1, Ordering::AcqRel);
                 if let Ok(mut e) = self.last_error.lock() {

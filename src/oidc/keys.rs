@@ -21,9 +21,124 @@ pub struct VerificationKey {
     pub kid: Option<Arc<str>>,
     pub algorithms: &'static [Algorithm],
     pub key: DecodingKey,
+    /// The key parsed once for each of its algorithms (jsonwebtoken parses it on every call: for P-256
+    /// that is point decoding and validation per request).
+    pub prepared: Prepared,
     /// Which key material this is, whatever its `kid`: a cached verification stays valid only while the
     /// issuer still publishes this very key (a reused `kid` or a swapped PEM file is another key).
     pub fingerprint: KeyFingerprint,
+}
+
+/// A key's public material in the form aws-lc-rs parses (PKCS#1 `RSAPublicKey` DER, an uncompressed EC
+/// point, a raw Ed25519 key), and the parsed key per algorithm, made on first use.
+#[derive(Default)]
+pub struct Prepared {
+    material: Option<Box<[u8]>>,
+    parsed: [std::sync::OnceLock<Option<aws_lc_rs::signature::ParsedPublicKey>>; 6],
+}
+
+impl Prepared {
+    fn new(material: Vec<u8>) -> Self {
+        Self {
+            material: Some(material.into_boxed_slice()),
+            parsed: Default::default(),
+        }
+    }
+}
+
+fn aws_algorithm(
+    alg: Algorithm,
+) -> Option<&'static dyn aws_lc_rs::signature::VerificationAlgorithm> {
+    use aws_lc_rs::signature as s;
+    Some(match alg {
+        Algorithm::RS256 => &s::RSA_PKCS1_2048_8192_SHA256,
+        Algorithm::RS384 => &s::RSA_PKCS1_2048_8192_SHA384,
+        Algorithm::RS512 => &s::RSA_PKCS1_2048_8192_SHA512,
+        Algorithm::PS256 => &s::RSA_PSS_2048_8192_SHA256,
+        Algorithm::PS384 => &s::RSA_PSS_2048_8192_SHA384,
+        Algorithm::PS512 => &s::RSA_PSS_2048_8192_SHA512,
+        Algorithm::ES256 => &s::ECDSA_P256_SHA256_FIXED,
+        Algorithm::ES384 => &s::ECDSA_P384_SHA384_FIXED,
+        Algorithm::EdDSA => &s::ED25519,
+        _ => return None,
+    })
+}
+
+impl VerificationKey {
+    /// Whether `signature` over `message` holds under `alg` (one of this key's algorithms): with the
+    /// prepared key when there is one, else through jsonwebtoken (PEM keys).
+    pub fn verify(&self, alg: Algorithm, message: &[u8], signature: &str) -> bool {
+        let slot = self
+            .algorithms
+            .iter()
+            .position(|a| *a == alg)
+            .and_then(|i| self.prepared.parsed.get(i));
+        let parsed = match (slot, &self.prepared.material, aws_algorithm(alg)) {
+            (Some(slot), Some(material), Some(algorithm)) => slot
+                .get_or_init(|| {
+                    aws_lc_rs::signature::ParsedPublicKey::new(algorithm, material.as_ref()).ok()
+                })
+                .as_ref(),
+            _ => None,
+        };
+        match parsed {
+            Some(key) => {
+                let Ok(sig) = base64::Engine::decode(
+                    &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                    signature,
+                ) else {
+                    return false;
+                };
+                key.verify_sig(message, &sig).is_ok()
+            }
+            None => {
+                jsonwebtoken::crypto::verify(signature, message, &self.key, alg).unwrap_or(false)
+            }
+        }
+    }
+}
+
+fn der_length(out: &mut Vec<u8>, len: usize) {
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes: Vec<u8> = len
+            .to_be_bytes()
+            .into_iter()
+            .skip_while(|b| *b == 0)
+            .collect();
+        out.push(0x80 | bytes.len() as u8);
+        out.extend(bytes);
+    }
+}
+
+fn der_integer(out: &mut Vec<u8>, be: &[u8]) {
+    let digits: &[u8] = match be.iter().position(|b| *b != 0) {
+        Some(i) => &be[i..],
+        None => &[0],
+    };
+    let pad = digits[0] & 0x80 != 0;
+    out.push(0x02);
+    der_length(out, digits.len() + usize::from(pad));
+    if pad {
+        out.push(0);
+    }
+    out.extend_from_slice(digits);
+}
+
+/// PKCS#1 `RSAPublicKey ::= SEQUENCE { modulus INTEGER, publicExponent INTEGER }`.
+fn rsa_public_key_der(n: &[u8], e: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(n.len() + e.len() + 16);
+    der_integer(&mut body, n);
+    der_integer(&mut body, e);
+    let mut out = vec![0x30];
+    der_length(&mut out, body.len());
+    out.extend(body);
+    out
+}
+
+fn b64url(s: &str) -> Option<Vec<u8>> {
+    base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, s).ok()
 }
 
 /// The first 128 bits of a SHA-256 over a key's public parameters.
@@ -118,6 +233,7 @@ impl KeySet {
                     kid: None,
                     algorithms: RSA,
                     key: k,
+                    prepared: Prepared::default(),
                     fingerprint,
                 }
             } else if let Ok(k) = DecodingKey::from_ec_pem(block.as_bytes()) {
@@ -127,6 +243,7 @@ impl KeySet {
                     kid: None,
                     algorithms: &[Algorithm::ES256, Algorithm::ES384],
                     key: k,
+                    prepared: Prepared::default(),
                     fingerprint,
                 }
             } else if let Ok(k) = DecodingKey::from_ed_pem(block.as_bytes()) {
@@ -134,6 +251,7 @@ impl KeySet {
                     kid: None,
                     algorithms: &[Algorithm::EdDSA],
                     key: k,
+                    prepared: Prepared::default(),
                     fingerprint,
                 }
             } else {
@@ -290,10 +408,29 @@ fn verification_key(jwk: &Jwk) -> Result<VerificationKey, String> {
         }
     };
     let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("unusable key material: {e}"))?;
+    let material = match &jwk.algorithm {
+        AlgorithmParameters::RSA(p) => b64url(&p.n)
+            .zip(b64url(&p.e))
+            .map(|(n, e)| rsa_public_key_der(&n, &e)),
+        AlgorithmParameters::EllipticCurve(p) => {
+            let size = if p.curve == EllipticCurve::P384 {
+                48
+            } else {
+                32
+            };
+            b64url(&p.x).zip(b64url(&p.y)).and_then(|(x, y)| {
+                // X9.62 uncompressed point; coordinates of the wrong size are left to jsonwebtoken.
+                (x.len() == size && y.len() == size).then(|| [&[4u8][..], &x, &y].concat())
+            })
+        }
+        AlgorithmParameters::OctetKeyPair(p) => b64url(&p.x),
+        _ => None,
+    };
     Ok(VerificationKey {
         kid: jwk.common.key_id.as_deref().map(Arc::from),
         algorithms,
         key,
+        prepared: material.map(Prepared::new).unwrap_or_default(),
         fingerprint,
     })
 }

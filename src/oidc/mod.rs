@@ -191,14 +191,7 @@ fn check_signature(keys: &KeySet, parts: &token::Parts<'_>) -> Result<KeyFingerp
     let mut tried = false;
     for key in keys.candidates(kid, alg) {
         tried = true;
-        if jsonwebtoken::crypto::verify(
-            parts.signature,
-            parts.signing_input.as_bytes(),
-            &key.key,
-            alg,
-        )
-        .unwrap_or(false)
-        {
+        if key.verify(alg, parts.signing_input.as_bytes(), parts.signature) {
             return Ok(key.fingerprint);
         }
     }

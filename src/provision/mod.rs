@@ -4,6 +4,9 @@
 //! work at all. Never sees HTTP and decides no policy of its own.
 
 pub mod audit;
+mod batch;
+pub mod cache;
+mod group;
 mod last_seen;
 pub mod lifecycle;
 pub mod naming;
@@ -14,21 +17,20 @@ pub mod store;
 
 use crate::identity::{Identity, Origin, RolePlan, RoleSource, StoredMembership};
 use audit::{AuditKind, Event};
+use cache::{Bounded, HeapSize};
 use chrono::{DateTime, SubsecRound, Utc};
 use entity::memberships;
 use last_seen::{LastSeen, Stamp};
-use moka::Expiry;
-use moka::future::Cache;
 use sea_orm::{DatabaseConnection, DbErr, EntityTrait};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use store::{StoreError, SyncRequest};
+use store::StoreError;
 
 pub use store::{Refusal, TenantTarget};
 
 /// A cache's bound: at most `bytes` of (estimated) memory and at most `entries` entries. Each entry
-/// weighs its size, but never less than `bytes / entries`, so moka's one weight bound enforces both.
+/// weighs its size, but never less than `bytes / entries`, so the cache's one weight bound enforces both.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CacheBudget {
     pub bytes: u64,
@@ -36,14 +38,15 @@ pub struct CacheBudget {
 }
 
 impl CacheBudget {
-    /// moka's overhead per entry (measured with benches/memory.rs: about 290 bytes for a bare entry).
-    pub const ENTRY_OVERHEAD: usize = 290;
+    /// The cache's own cost per entry: key, value slot, hash table, list links and ghost entry
+    /// (quick_cache: 113 bytes measured by benches/memory.rs) plus the value's `Arc` counters.
+    pub const ENTRY_OVERHEAD: usize = 130;
 
     pub fn enabled(&self) -> bool {
         self.bytes > 0 && self.entries > 0
     }
 
-    /// The weight moka is given for an entry holding `bytes`.
+    /// The weight an entry holding `bytes` is given.
     pub fn weigh(&self, bytes: usize) -> u32 {
         let floor = self.bytes / self.entries.max(1);
         (bytes as u64 + Self::ENTRY_OVERHEAD as u64)
@@ -62,6 +65,9 @@ pub struct SyncOptions {
     /// operator's change made through another replica takes to reach this one.
     pub cache_ttl: Duration,
     pub last_seen_interval: Duration,
+    /// The longest a request waits for its sync to be written (`--database-timeout`): a batch stalled
+    /// behind a lock answers its requests 503 in time, and the rows are written when it gets through.
+    pub write_timeout: Duration,
 }
 
 /// How long "no active membership there" is remembered: short, so a membership an operator just made
@@ -90,12 +96,13 @@ pub struct Provisioned {
     pub user_id: Option<String>,
     pub email: Option<String>,
     pub name: Option<String>,
-    pub tenant_id: Option<String>,
-    pub tenant_name: Option<String>,
-    pub tenant_slug: Option<String>,
-    pub tenant_schema: Option<String>,
+    /// The tenant's values and the role are shared by every member's view (`Interner`).
+    pub tenant_id: Option<Arc<str>>,
+    pub tenant_name: Option<Arc<str>>,
+    pub tenant_slug: Option<Arc<str>>,
+    pub tenant_schema: Option<Arc<str>>,
     /// The app role in the active tenant.
-    pub role: Option<String>,
+    pub role: Option<Arc<str>>,
     pub idp_roles_apply: bool,
     /// `false` when the database was skipped (`--on-db-error pass`).
     pub synced: bool,
@@ -145,86 +152,129 @@ struct Cached {
     fingerprint: u64,
     provisioned: Arc<Provisioned>,
     last_login: Stamp,
+    /// When this stops being trusted (`--sync-cache-ttl` after the sync).
+    until: Instant,
 }
 
-impl Cached {
+/// Shared copies of strings many views repeat (a tenant's id, name, slug and schema; role names). An
+/// entry nobody else holds any more is dropped when the set has doubled since it was last pruned.
+#[derive(Default)]
+struct Interner {
+    set: std::sync::Mutex<(std::collections::HashSet<Arc<str>>, usize)>,
+}
+
+impl Interner {
+    fn intern(&self, s: &str) -> Arc<str> {
+        let Ok(mut guard) = self.set.lock() else {
+            return Arc::from(s);
+        };
+        let (set, pruned_at) = &mut *guard;
+        if let Some(shared) = set.get(s) {
+            return shared.clone();
+        }
+        if set.len() >= (*pruned_at * 2).max(1024) {
+            set.retain(|a| Arc::strong_count(a) > 1);
+            *pruned_at = set.len();
+        }
+        let shared: Arc<str> = Arc::from(s);
+        set.insert(shared.clone());
+        shared
+    }
+}
+
+/// A synced identity as the sync cache holds it: the view, until when it is trusted, and its last-login
+/// stamp. The access layer keeps one beside a cached token, so a repeated request skips the lookup.
+#[derive(Clone)]
+pub struct Synced(Arc<Cached>);
+
+impl Synced {
+    pub fn view(&self) -> &Arc<Provisioned> {
+        &self.0.provisioned
+    }
+
+    /// Past this, the database is asked again.
+    pub fn until(&self) -> Instant {
+        self.0.until
+    }
+}
+
+impl HeapSize for Cached {
     fn heap_size(&self) -> usize {
         let p = &self.provisioned;
         let opt = |s: &Option<String>| s.as_ref().map_or(0, String::capacity);
+        // The tenant's strings and the role are shared, counted once per tenant rather than per view.
         std::mem::size_of::<Self>()
             + std::mem::size_of::<Provisioned>()
             + 32
             + opt(&p.user_id)
             + opt(&p.email)
             + opt(&p.name)
-            + opt(&p.tenant_id)
-            + opt(&p.tenant_name)
-            + opt(&p.tenant_slug)
-            + opt(&p.tenant_schema)
-            + opt(&p.role)
     }
 }
 
-/// A membership lookup's answer, remembered with the ids it is about (for invalidation).
+/// A membership lookup's answer, remembered with the ids it is about (for invalidation). Positive
+/// answers live as long as synced identities; negative ones only briefly.
 struct Membership {
     user: String,
     tenant: String,
     stored: Option<StoredMembership>,
+    until: Instant,
 }
 
-/// Positive answers live as long as synced identities; negative ones only briefly.
-struct MembershipExpiry(Duration);
+impl HeapSize for Membership {
+    fn heap_size(&self) -> usize {
+        std::mem::size_of::<Self>() + self.user.len() + self.tenant.len() + 32
+    }
+}
 
-impl Expiry<Key, Arc<Membership>> for MembershipExpiry {
-    fn expire_after_create(&self, _: &Key, v: &Arc<Membership>, _: Instant) -> Option<Duration> {
-        Some(match &v.stored {
-            Some(m) if m.is_active => self.0,
-            _ => NEGATIVE_MEMBERSHIP_TTL,
-        })
+/// A refusal recently audited: who, where, and until when another is not.
+struct Refused {
+    user: String,
+    tenant: String,
+    until: Instant,
+}
+
+impl HeapSize for Refused {
+    fn heap_size(&self) -> usize {
+        std::mem::size_of::<Self>() + self.user.len() + self.tenant.len()
     }
 }
 
 pub struct Provisioner {
     db: DatabaseConnection,
     opts: SyncOptions,
-    synced: Cache<Key, Arc<Cached>>,
-    members: Cache<Key, Arc<Membership>>,
-    /// Refusals recently audited (value: user, tenant), so a client repeating one cannot flood the table.
-    refusals: Cache<Key, (String, String)>,
+    synced: Bounded<Key, Arc<Cached>>,
+    members: Bounded<Key, Arc<Membership>>,
+    /// Refusals recently audited, so a client repeating one cannot flood the table.
+    refusals: Bounded<Key, Arc<Refused>>,
     last_seen: LastSeen,
-    /// SQLite has one writer at a time: sync transactions queue here, in order, instead of polling in
-    /// SQLite's busy handler (whose back-off made tail latency seconds long under concurrent first requests).
-    sqlite_writer: Option<tokio::sync::Mutex<()>>,
+    /// Tenant values and roles, one copy each however many views carry them.
+    interner: Interner,
+    /// Bumped by every invalidation: what was remembered from an earlier epoch is looked up again.
+    epoch: std::sync::atomic::AtomicU64,
+    /// First requests' syncs, group-committed. SQLite has one writer at a time: its syncs queue here, in
+    /// order, instead of polling in SQLite's busy handler (whose back-off made tail latency seconds long).
+    batcher: batch::Batcher,
 }
 
 impl Provisioner {
     pub fn new(db: DatabaseConnection, opts: SyncOptions) -> Self {
         let budget = opts.cache;
-        let synced = Cache::builder()
-            .max_capacity(if budget.enabled() { budget.bytes } else { 0 })
-            .weigher(move |_, v: &Arc<Cached>| budget.weigh(v.heap_size()))
-            .time_to_live(opts.cache_ttl)
-            .support_invalidation_closures()
-            .build();
+        let synced = Bounded::new(budget);
+        // Memberships and refusals are looked up only when a request switches tenant: a tenth of the
+        // bytes (and always some room, for the refusal limit to hold even with the sync cache off).
         let small = CacheBudget {
-            bytes: budget.bytes / 10,
-            entries: budget.entries,
+            bytes: (budget.bytes / 10).max(1 << 20),
+            entries: budget.entries.max(1024),
         };
-        let members = Cache::builder()
-            .max_capacity(small.bytes)
-            .weigher(move |_, m: &Arc<Membership>| small.weigh(m.user.len() + m.tenant.len() + 96))
-            .expire_after(MembershipExpiry(opts.cache_ttl))
-            .support_invalidation_closures()
-            .build();
-        let refusals = Cache::builder()
-            .max_capacity(small.bytes)
-            .weigher(move |_, (u, t): &(String, String)| small.weigh(u.len() + t.len() + 48))
-            .time_to_live(REFUSAL_AUDIT_WINDOW)
-            .support_invalidation_closures()
-            .build();
+        let members = Bounded::new(small);
+        let refusals = Bounded::new(small);
         let last_seen = LastSeen::new(opts.last_seen_interval);
-        let sqlite_writer = (db.get_database_backend() == sea_orm::DatabaseBackend::Sqlite)
-            .then(|| tokio::sync::Mutex::new(()));
+        let writers = match db.get_database_backend() {
+            sea_orm::DatabaseBackend::Sqlite => 1,
+            _ => 8,
+        };
+        let batcher = batch::Batcher::start(db.clone(), opts.tenant_schema.clone(), writers);
         Self {
             db,
             opts,
@@ -232,7 +282,36 @@ impl Provisioner {
             members,
             refusals,
             last_seen,
-            sqlite_writer,
+            epoch: std::sync::atomic::AtomicU64::new(0),
+            interner: Interner::default(),
+            batcher,
+        }
+    }
+
+    /// Whether synced identities are remembered at all (`--sync-cache-size 0` turns it off).
+    pub fn caching(&self) -> bool {
+        self.synced.enabled()
+    }
+
+    /// Changes whenever something synced may have been invalidated.
+    /// Entries and estimated bytes of the synced-identity cache, for the `idsync_cache_*` gauges.
+    pub fn cache_stats(&self) -> (u64, u64) {
+        (self.synced.len() as u64, self.synced.weight())
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn next_epoch(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// A request by `identity` used `synced` (remembered by the caller): keep its last login current.
+    pub fn touch(&self, synced: &Synced, identity: &Identity) {
+        if let Some(user) = &identity.subject {
+            self.last_seen
+                .touch(&synced.0.last_login, user.as_str(), Utc::now());
         }
     }
 
@@ -249,9 +328,23 @@ impl Provisioner {
         plan: &SyncPlan,
         issued_at: Option<i64>,
     ) -> Result<Arc<Provisioned>, ProvisionError> {
+        Ok(self
+            .sync_entry(identity, plan, issued_at)
+            .await?
+            .view()
+            .clone())
+    }
+
+    /// [`Provisioner::sync`], returning the cache entry itself (for callers that remember it).
+    pub async fn sync_entry(
+        &self,
+        identity: &Identity,
+        plan: &SyncPlan,
+        issued_at: Option<i64>,
+    ) -> Result<Synced, ProvisionError> {
         let now = Utc::now().trunc_subsecs(6);
         let (cache_key, fingerprint) = cache_key(identity, plan);
-        if let Some(hit) = self.hit(identity, &cache_key, fingerprint, now).await {
+        if let Some(hit) = self.hit(identity, &cache_key, fingerprint, now) {
             return Ok(hit);
         }
         let issued_at =
@@ -270,25 +363,32 @@ impl Provisioner {
             fingerprint,
             Utc::now().trunc_subsecs(6),
         )
-        .await
+        .map(|s| s.view().clone())
     }
 
-    async fn hit(
+    fn hit(
         &self,
         identity: &Identity,
         cache_key: &Key,
         fingerprint: u64,
         now: DateTime<Utc>,
-    ) -> Option<Arc<Provisioned>> {
-        let hit = self.synced.get(cache_key).await?;
+    ) -> Option<Synced> {
+        let hit = self.synced.get(cache_key)?;
         if hit.fingerprint != fingerprint {
             return None;
         }
-        metrics::counter!("idsync_sync_total", "outcome" => "cached").increment(1);
+        if Instant::now() >= hit.until {
+            self.synced.remove(cache_key);
+            return None;
+        }
+        static CACHED: std::sync::LazyLock<metrics::Counter> = std::sync::LazyLock::new(
+            || metrics::counter!("idsync_sync_total", "outcome" => "cached"),
+        );
+        CACHED.increment(1);
         if let Some(user) = &identity.subject {
             self.last_seen.touch(&hit.last_login, user.as_str(), now);
         }
-        Some(hit.provisioned.clone())
+        Some(Synced(hit))
     }
 
     async fn sync_uncached(
@@ -299,53 +399,51 @@ impl Provisioner {
         fingerprint: u64,
         now: DateTime<Utc>,
         issued_at: Option<DateTime<Utc>>,
-    ) -> Result<Arc<Provisioned>, ProvisionError> {
-        let request = SyncRequest {
-            identity,
-            tenant: plan.tenant.as_ref(),
-            role: plan.role.as_ref(),
+    ) -> Result<Synced, ProvisionError> {
+        let started = std::time::Instant::now();
+        let job = self.batcher.sync(batch::Job {
+            identity: identity.clone(),
+            tenant: plan.tenant.clone(),
+            role: plan.role.clone(),
             origin: plan.origin,
-            tenant_schema: self.opts.tenant_schema.as_deref(),
             now,
             issued_at,
+            reply: tokio::sync::oneshot::channel().0,
+        });
+        let outcome = match tokio::time::timeout(self.opts.write_timeout, job).await {
+            Ok(o) => o,
+            Err(_) => Err(StoreError::Db(DbErr::Custom(
+                "the sync was not written within the database timeout".into(),
+            ))),
         };
-        let started = std::time::Instant::now();
-        let writer = match &self.sqlite_writer {
-            Some(m) => Some(m.lock().await),
-            None => None,
-        };
-        let outcome = store::sync(&self.db, &request).await;
-        drop(writer);
         metrics::histogram!("idsync_sync_seconds").record(started.elapsed().as_secs_f64());
         let outcome = outcome.map_err(|e| {
             metrics::counter!("idsync_sync_total", "outcome" => "error").increment(1);
             ProvisionError::from(e)
         })?;
         metrics::counter!("idsync_sync_total", "outcome" => "synced").increment(1);
+        let shared = |s: &str| self.interner.intern(s);
         let provisioned = Arc::new(Provisioned {
             user_id: outcome.user.as_ref().map(|u| u.id.clone()),
             email: outcome.user.as_ref().and_then(|u| u.email.clone()),
             name: outcome.user.as_ref().and_then(|u| u.name.clone()),
-            tenant_id: outcome.organization.as_ref().map(|o| o.id.clone()),
-            tenant_name: outcome.organization.as_ref().map(|o| o.name.clone()),
-            tenant_slug: outcome.organization.as_ref().map(|o| o.slug.clone()),
-            tenant_schema: outcome.schema,
-            role: outcome.membership.as_ref().map(|m| m.role.clone()),
+            tenant_id: outcome.organization.as_ref().map(|o| shared(&o.id)),
+            tenant_name: outcome.organization.as_ref().map(|o| shared(&o.name)),
+            tenant_slug: outcome.organization.as_ref().map(|o| shared(&o.slug)),
+            tenant_schema: outcome.schema.as_deref().map(shared),
+            role: outcome.membership.as_ref().map(|m| shared(&m.role)),
             idp_roles_apply: plan.idp_roles_apply,
             synced: true,
         });
-        self.synced
-            .insert(
-                cache_key,
-                Arc::new(Cached {
-                    fingerprint,
-                    provisioned: provisioned.clone(),
-                    // The sync transaction just wrote last_login_at.
-                    last_login: Stamp::written_at(now),
-                }),
-            )
-            .await;
-        Ok(provisioned)
+        let cached = Arc::new(Cached {
+            fingerprint,
+            provisioned,
+            // The sync transaction just wrote last_login_at.
+            last_login: Stamp::written_at(now),
+            until: Instant::now() + self.opts.cache_ttl,
+        });
+        self.synced.insert(cache_key, cached.clone());
+        Ok(Synced(cached))
     }
 
     /// The user's membership in `tenant` as stored (remembered for the sync-cache TTL when active, for a
@@ -356,24 +454,30 @@ impl Provisioner {
         tenant: &str,
     ) -> Result<Option<StoredMembership>, DbErr> {
         let key = naming::digest_parts(&[user, tenant, "membership"]);
-        if let Some(hit) = self.members.get(&key).await {
-            return Ok(hit.stored.clone());
+        if let Some(hit) = self.members.get(&key) {
+            if Instant::now() < hit.until {
+                return Ok(hit.stored.clone());
+            }
+            self.members.remove(&key);
         }
         let stored = Box::pin(
             memberships::Entity::find_by_id((user.to_owned(), tenant.to_owned())).one(&self.db),
         )
         .await?
         .map(|m| stored_membership(&m));
-        self.members
-            .insert(
-                key,
-                Arc::new(Membership {
-                    user: user.to_owned(),
-                    tenant: tenant.to_owned(),
-                    stored: stored.clone(),
-                }),
-            )
-            .await;
+        let ttl = match &stored {
+            Some(m) if m.is_active => self.opts.cache_ttl,
+            _ => NEGATIVE_MEMBERSHIP_TTL,
+        };
+        self.members.insert(
+            key,
+            Arc::new(Membership {
+                user: user.to_owned(),
+                tenant: tenant.to_owned(),
+                stored: stored.clone(),
+                until: Instant::now() + ttl,
+            }),
+        );
         Ok(stored)
     }
 
@@ -387,12 +491,23 @@ impl Provisioner {
     ) -> Result<(), DbErr> {
         let user = identity.subject.as_ref().map(|s| s.as_str()).unwrap_or("");
         let key = naming::digest_parts(&[&identity.issuer, user, tenant.unwrap_or(""), reason]);
-        let entry = self
+        if let Some(r) = self.refusals.get(&key)
+            && Instant::now() >= r.until
+        {
+            self.refusals.remove(&key);
+        }
+        let first = self
             .refusals
-            .entry(key)
-            .or_insert_with(async { (user.to_owned(), tenant.unwrap_or("").to_owned()) })
+            .insert_if_absent(
+                key,
+                Arc::new(Refused {
+                    user: user.to_owned(),
+                    tenant: tenant.unwrap_or("").to_owned(),
+                    until: Instant::now() + REFUSAL_AUDIT_WINDOW,
+                }),
+            )
             .await;
-        if !entry.is_fresh() {
+        if !first {
             return Ok(());
         }
         let recorded = audit::record(
@@ -410,35 +525,31 @@ impl Provisioner {
         .await;
         if recorded.is_err() {
             // Not recorded: let the next refusal try again.
-            self.refusals.invalidate(&key).await;
+            self.refusals.remove(&key);
         }
         recorded
     }
 
     /// Forgets everything synced (after change notices may have been missed).
     pub fn invalidate_all(&self) {
-        self.synced.invalidate_all();
-        self.members.invalidate_all();
+        self.next_epoch();
+        self.synced.clear();
+        self.members.clear();
     }
 
     /// Forgets what was synced for an affected user, organization or membership, so the next request
     /// reads the database again (and meets, say, a deactivation at once).
     pub fn invalidate(&self, affected: &Affected) {
-        let a = affected.clone();
-        self.synced
-            .invalidate_entries_if(move |_, v| {
-                let p = &v.provisioned;
-                a.covers(p.user_id.as_deref(), p.tenant_id.as_deref())
-            })
-            .expect("the sync cache is built with invalidation closures");
-        let a = affected.clone();
+        self.next_epoch();
+        let a = affected;
+        self.synced.retain(|_, v| {
+            let p = &v.provisioned;
+            !a.covers(p.user_id.as_deref(), p.tenant_id.as_deref())
+        });
         self.members
-            .invalidate_entries_if(move |_, m| a.covers(Some(&m.user), Some(&m.tenant)))
-            .expect("the membership cache is built with invalidation closures");
-        let a = affected.clone();
+            .retain(|_, m| !a.covers(Some(&m.user), Some(&m.tenant)));
         self.refusals
-            .invalidate_entries_if(move |_, (u, t)| a.covers(Some(u), Some(t)))
-            .expect("the refusal cache is built with invalidation closures");
+            .retain(|_, r| !a.covers(Some(&r.user), Some(&r.tenant)));
     }
 
     /// Writes pending last-login times (called periodically and at shutdown).

@@ -34,6 +34,7 @@ pub struct TenantTarget {
     pub name: String,
 }
 
+#[derive(Clone, Copy)]
 pub struct SyncRequest<'a> {
     pub identity: &'a Identity,
     pub tenant: Option<&'a TenantTarget>,
@@ -90,7 +91,7 @@ pub async fn sync(
     req: &SyncRequest<'_>,
 ) -> Result<SyncOutcome, StoreError> {
     let txn = db.begin_with_options(write_transaction()).await?;
-    match sync_in(&txn, req).await {
+    match sync_in(&txn, req, &mut false).await {
         Ok((outcome, events)) => {
             audit::record(&txn, events).await?;
             txn.commit().await?;
@@ -98,36 +99,7 @@ pub async fn sync(
         }
         Err(StoreError::Refused(refusal)) => {
             txn.rollback().await?;
-            let id = req.identity;
-            let (kind, details) = match &refusal {
-                Refusal::IdentityConflict(what) => {
-                    (AuditKind::IdentityConflict, json!({"reason": what}))
-                }
-                Refusal::UserInactive => {
-                    (AuditKind::AccessDenied, json!({"reason": "user_inactive"}))
-                }
-                Refusal::TenantInactive => (
-                    AuditKind::AccessDenied,
-                    json!({"reason": "tenant_inactive"}),
-                ),
-                Refusal::MembershipInactive => (
-                    AuditKind::AccessDenied,
-                    json!({"reason": "membership_inactive"}),
-                ),
-            };
-            audit::record(
-                db,
-                vec![Event {
-                    kind,
-                    issuer: Some(&id.issuer),
-                    user: id.subject.as_ref().map(|s| s.as_str()),
-                    organization: req.tenant.map(|t| t.id.as_str()),
-                    actor: ACTOR,
-                    details,
-                    at: req.now,
-                }],
-            )
-            .await?;
+            audit::record(db, vec![refusal_event(req, &refusal)]).await?;
             Err(StoreError::Refused(refusal))
         }
         Err(e) => {
@@ -137,9 +109,143 @@ pub async fn sync(
     }
 }
 
+/// The audit event of a refused sync (recorded on its own: the refused transaction wrote nothing).
+pub(super) fn refusal_event<'r>(req: &'r SyncRequest<'_>, refusal: &Refusal) -> Event<'r> {
+    let id = req.identity;
+    let (kind, details) = match refusal {
+        Refusal::IdentityConflict(what) => (AuditKind::IdentityConflict, json!({"reason": what})),
+        Refusal::UserInactive => (AuditKind::AccessDenied, json!({"reason": "user_inactive"})),
+        Refusal::TenantInactive => (
+            AuditKind::AccessDenied,
+            json!({"reason": "tenant_inactive"}),
+        ),
+        Refusal::MembershipInactive => (
+            AuditKind::AccessDenied,
+            json!({"reason": "membership_inactive"}),
+        ),
+    };
+    Event {
+        kind,
+        issuer: Some(&id.issuer),
+        user: id.subject.as_ref().map(|s| s.as_str()),
+        organization: req.tenant.map(|t| t.id.as_str()),
+        actor: ACTOR,
+        details,
+        at: req.now,
+    }
+}
+
+/// Group commit: several first requests in one transaction, each exactly as [`sync`] would run it, in
+/// a fixed order (tenant, then user) so concurrent batches take row locks in the same order. One
+/// BEGIN, one audit insert and one COMMIT (one WAL flush) for them all. A request refused before it
+/// wrote anything is answered and the batch goes on; anything else (a refusal after a write, a database
+/// error, a failed commit) rolls the batch back and each request runs again on its own, so one
+/// identity's failure never fails another's request and nothing is half-written.
+pub async fn sync_batch(
+    db: &DatabaseConnection,
+    reqs: &[SyncRequest<'_>],
+) -> Vec<Result<SyncOutcome, StoreError>> {
+    if reqs.len() > 1 {
+        match try_batch(db, reqs).await {
+            Ok(results) => return results,
+            Err(e) => {
+                metrics::counter!("idsync_sync_batch_fallbacks_total").increment(1);
+                tracing::debug!(error = %e, batch = reqs.len(), "group commit fell back to one transaction per request");
+            }
+        }
+    }
+    let mut results = Vec::with_capacity(reqs.len());
+    for r in reqs {
+        results.push(sync(db, r).await);
+    }
+    results
+}
+
+async fn try_batch(
+    db: &DatabaseConnection,
+    reqs: &[SyncRequest<'_>],
+) -> Result<Vec<Result<SyncOutcome, StoreError>>, StoreError> {
+    let mut order: Vec<usize> = (0..reqs.len()).collect();
+    order.sort_by(|&a, &b| {
+        let key = |r: &SyncRequest<'_>| {
+            (
+                r.tenant.map(|t| t.id.clone()),
+                r.identity.subject.as_ref().map(|s| s.as_str().to_owned()),
+            )
+        };
+        key(&reqs[a]).cmp(&key(&reqs[b]))
+    });
+    // One request per user goes into the multi-row statements; a second request of a user in the same
+    // batch runs after them, alone, in the same transaction (it sees what the first wrote).
+    let mut seen = std::collections::HashSet::new();
+    let (first, again): (Vec<usize>, Vec<usize>) = order.into_iter().partition(|&i| {
+        reqs[i]
+            .identity
+            .subject
+            .as_ref()
+            .is_none_or(|s| seen.insert(s.as_str()))
+    });
+    let together: Vec<SyncRequest<'_>> = first.iter().map(|&i| reqs[i]).collect();
+    let txn = db.begin_with_options(write_transaction()).await?;
+    let mut results: Vec<Option<Result<SyncOutcome, StoreError>>> =
+        (0..reqs.len()).map(|_| None).collect();
+    let mut events = Vec::new();
+    let answers = match super::group::sync_many(&txn, &together).await {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = txn.rollback().await;
+            return Err(e);
+        }
+    };
+    for (&i, answer) in first.iter().zip(answers) {
+        match answer {
+            Ok((outcome, evs)) => {
+                events.extend(evs);
+                results[i] = Some(Ok(outcome));
+            }
+            Err(StoreError::Refused(refusal)) => {
+                events.push(refusal_event(&reqs[i], &refusal));
+                results[i] = Some(Err(StoreError::Refused(refusal)));
+            }
+            Err(e) => {
+                let _ = txn.rollback().await;
+                return Err(e);
+            }
+        }
+    }
+    for i in again {
+        let req = &reqs[i];
+        let mut wrote = false;
+        match sync_in(&txn, req, &mut wrote).await {
+            Ok((outcome, evs)) => {
+                events.extend(evs);
+                results[i] = Some(Ok(outcome));
+            }
+            Err(StoreError::Refused(refusal)) if !wrote => {
+                events.push(refusal_event(req, &refusal));
+                results[i] = Some(Err(StoreError::Refused(refusal)));
+            }
+            Err(e) => {
+                let _ = txn.rollback().await;
+                return Err(e);
+            }
+        }
+    }
+    if let Err(e) = audit::record(&txn, events).await {
+        let _ = txn.rollback().await;
+        return Err(e.into());
+    }
+    txn.commit().await?;
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every request answered"))
+        .collect())
+}
+
 async fn sync_in<'r>(
     txn: &impl ConnectionTrait,
     req: &'r SyncRequest<'_>,
+    wrote: &mut bool,
 ) -> Result<(SyncOutcome, Vec<Event<'r>>), StoreError> {
     let identity = req.identity;
     let issuer: &str = &identity.issuer;
@@ -184,6 +290,7 @@ async fn sync_in<'r>(
         (None, _) => None,
         (Some(_), Some(existing)) => Some(existing),
         (Some(target), None) => {
+            *wrote = true;
             let (org, created) =
                 create_organization(txn, target, issuer, req.origin, req.tenant_schema, req.now)
                     .await?;
@@ -206,6 +313,7 @@ async fn sync_in<'r>(
                 (Some(u), Some(iat)) => u.lifecycle_at.is_some_and(|l| iat < l),
                 _ => false,
             };
+            *wrote = true;
             let after = upsert_user(txn, id, identity, !older, req.now).await?;
             if after.issuer != issuer {
                 // A foreign row appeared between our read and our write; the guarded upsert left it alone.
@@ -239,6 +347,7 @@ async fn sync_in<'r>(
                 origin: req.origin,
                 now: req.now,
             };
+            *wrote = true;
             let after = upsert_membership(txn, &write).await?;
             if !after.is_active {
                 return Err(StoreError::Refused(Refusal::MembershipInactive));
@@ -354,7 +463,7 @@ fn decode_if_present<M: FromQueryResult>(
     M::from_query_result(row, prefix).map(Some)
 }
 
-fn check_org(o: &organizations::Model, issuer: &str) -> Result<(), StoreError> {
+pub(super) fn check_org(o: &organizations::Model, issuer: &str) -> Result<(), StoreError> {
     if o.issuer != issuer {
         return Err(StoreError::Refused(Refusal::IdentityConflict(format!(
             "tenant id is owned by issuer {}",
@@ -450,6 +559,37 @@ async fn upsert_user(
     profile: bool,
     now: DateTime<Utc>,
 ) -> Result<users::Model, DbErr> {
+    users::Entity::insert(user_row(id, identity, now))
+        .on_conflict(user_conflict(profile, !identity.roles.is_empty()))
+        .exec_with_returning(txn)
+        .await
+}
+
+/// The row a sync writes for a user.
+pub(super) fn user_row(id: &str, identity: &Identity, now: DateTime<Utc>) -> users::ActiveModel {
+    users::ActiveModel {
+        id: Set(id.to_owned()),
+        issuer: Set(identity.issuer.to_string()),
+        email: Set(identity.email.as_deref().map(str::to_owned)),
+        email_verified: Set(identity.email_verified),
+        username: Set(identity.username.as_deref().map(str::to_owned)),
+        name: Set(identity.name.as_deref().map(str::to_owned)),
+        given_name: Set(identity.given_name.as_deref().map(str::to_owned)),
+        family_name: Set(identity.family_name.as_deref().map(str::to_owned)),
+        avatar_url: Set(identity.avatar_url.as_deref().map(str::to_owned)),
+        idp_roles: Set(json!(identity.roles)),
+        is_active: Set(true),
+        last_login_at: Set(Some(now)),
+        lifecycle_at: Set(None),
+        deactivated_by: Set(None),
+        created_at: Set(now),
+        updated_at: Set(now),
+    }
+}
+
+/// What an existing user row becomes (see [`upsert_user`]); `roles`: the token carries roles (an empty
+/// list is taken for "no roles claim").
+pub(super) fn user_conflict(profile: bool, roles: bool) -> OnConflict {
     const PROFILE: &[&str] = &[
         "email",
         "email_verified",
@@ -470,8 +610,7 @@ async fn upsert_user(
             format!(r#"CASE WHEN {mine} THEN {new} ELSE "users"."{col}" END"#),
         ));
     }
-    // An empty role list is treated as "the token does not carry roles".
-    if profile && !identity.roles.is_empty() {
+    if profile && roles {
         changed.push(r#""users"."idp_roles" IS DISTINCT FROM "excluded"."idp_roles""#.to_owned());
         sets.push((
             "idp_roles",
@@ -487,47 +626,23 @@ async fn upsert_user(
             r#"CASE WHEN {mine} THEN "excluded"."last_login_at" ELSE "users"."last_login_at" END"#
         ),
     ));
-
-    let row = users::ActiveModel {
-        id: Set(id.to_owned()),
-        issuer: Set(identity.issuer.to_string()),
-        email: Set(identity.email.clone()),
-        email_verified: Set(identity.email_verified),
-        username: Set(identity.username.clone()),
-        name: Set(identity.name.clone()),
-        given_name: Set(identity.given_name.clone()),
-        family_name: Set(identity.family_name.clone()),
-        avatar_url: Set(identity.avatar_url.clone()),
-        idp_roles: Set(json!(identity.roles)),
-        is_active: Set(true),
-        last_login_at: Set(Some(now)),
-        lifecycle_at: Set(None),
-        deactivated_by: Set(None),
-        created_at: Set(now),
-        updated_at: Set(now),
-    };
-    users::Entity::insert(row)
-        .on_conflict(
-            OnConflict::column(users::Column::Id)
-                .values(
-                    sets.into_iter()
-                        .map(|(c, e)| (Alias::new(c), Expr::cust(e))),
-                )
-                .to_owned(),
+    OnConflict::column(users::Column::Id)
+        .values(
+            sets.into_iter()
+                .map(|(c, e)| (Alias::new(c), Expr::cust(e))),
         )
-        .exec_with_returning(txn)
-        .await
+        .to_owned()
 }
 
-struct MembershipWrite<'a> {
-    user_id: &'a str,
-    org_id: &'a str,
+pub(super) struct MembershipWrite<'a> {
+    pub user_id: &'a str,
+    pub org_id: &'a str,
     /// The role the decision gives, as of the row read before this write.
-    role: &'a str,
+    pub role: &'a str,
     /// The token's IdP roles when the token speaks for this tenant; `None` when it does not.
-    idp_roles: Option<&'a [String]>,
-    origin: Origin,
-    now: DateTime<Utc>,
+    pub idp_roles: Option<&'a [String]>,
+    pub origin: Origin,
+    pub now: DateTime<Utc>,
 }
 
 /// Inserts the membership, or updates it as the decision allows. Provenance is enforced in the statement
@@ -538,30 +653,14 @@ async fn upsert_membership(
     txn: &impl ConnectionTrait,
     w: &MembershipWrite<'_>,
 ) -> Result<memberships::Model, DbErr> {
-    let sets: Vec<(&str, String)> = match w.idp_roles {
-        Some(_) => {
-            let idp_owned = r#""memberships"."role_source" = 'idp'"#;
-            let role = format!(
-                r#"CASE WHEN {idp_owned} THEN "excluded"."role" ELSE "memberships"."role" END"#
-            );
-            let changed = format!(
-                r#"("memberships"."role" IS DISTINCT FROM {role}) OR ("memberships"."idp_roles" IS DISTINCT FROM "excluded"."idp_roles")"#
-            );
-            vec![
-                ("role", role),
-                (
-                    "updated_at",
-                    format!(
-                        r#"CASE WHEN {changed} THEN "excluded"."updated_at" ELSE "memberships"."updated_at" END"#
-                    ),
-                ),
-                ("idp_roles", r#""excluded"."idp_roles""#.to_owned()),
-            ]
-        }
-        // A no-op update rather than DO NOTHING, so RETURNING gives the existing row on both databases.
-        None => vec![("role", r#""memberships"."role""#.to_owned())],
-    };
-    let row = memberships::ActiveModel {
+    memberships::Entity::insert(membership_row(w))
+        .on_conflict(membership_conflict(w.idp_roles.is_some()))
+        .exec_with_returning(txn)
+        .await
+}
+
+pub(super) fn membership_row(w: &MembershipWrite<'_>) -> memberships::ActiveModel {
+    memberships::ActiveModel {
         user_id: Set(w.user_id.to_owned()),
         organization_id: Set(w.org_id.to_owned()),
         role: Set(w.role.to_owned()),
@@ -573,24 +672,45 @@ async fn upsert_membership(
         origin: Set(w.origin.as_str().to_owned()),
         created_at: Set(w.now),
         updated_at: Set(w.now),
-    };
-    memberships::Entity::insert(row)
-        .on_conflict(
-            OnConflict::columns([
-                memberships::Column::UserId,
-                memberships::Column::OrganizationId,
-            ])
-            .values(
-                sets.into_iter()
-                    .map(|(c, e)| (Alias::new(c), Expr::cust(e))),
-            )
-            .to_owned(),
-        )
-        .exec_with_returning(txn)
-        .await
+    }
 }
 
-fn profile_changes(before: Option<&users::Model>, after: &users::Model) -> Value {
+/// What an existing membership becomes: `speaks`, the token's roles speak for the tenant.
+pub(super) fn membership_conflict(speaks: bool) -> OnConflict {
+    let sets: Vec<(&str, String)> = if speaks {
+        let idp_owned = r#""memberships"."role_source" = 'idp'"#;
+        let role = format!(
+            r#"CASE WHEN {idp_owned} THEN "excluded"."role" ELSE "memberships"."role" END"#
+        );
+        let changed = format!(
+            r#"("memberships"."role" IS DISTINCT FROM {role}) OR ("memberships"."idp_roles" IS DISTINCT FROM "excluded"."idp_roles")"#
+        );
+        vec![
+            ("role", role),
+            (
+                "updated_at",
+                format!(
+                    r#"CASE WHEN {changed} THEN "excluded"."updated_at" ELSE "memberships"."updated_at" END"#
+                ),
+            ),
+            ("idp_roles", r#""excluded"."idp_roles""#.to_owned()),
+        ]
+    } else {
+        // A no-op update rather than DO NOTHING, so RETURNING gives the existing row on both databases.
+        vec![("role", r#""memberships"."role""#.to_owned())]
+    };
+    OnConflict::columns([
+        memberships::Column::UserId,
+        memberships::Column::OrganizationId,
+    ])
+    .values(
+        sets.into_iter()
+            .map(|(c, e)| (Alias::new(c), Expr::cust(e))),
+    )
+    .to_owned()
+}
+
+pub(super) fn profile_changes(before: Option<&users::Model>, after: &users::Model) -> Value {
     let mut changes = serde_json::Map::new();
     let mut diff = |field: &str, from: Value, to: Value| {
         if from != to {

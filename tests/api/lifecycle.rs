@@ -24,7 +24,7 @@ on_both_databases!(
 const SECRET: &str = "webhook-secret-for-tests-0123456789";
 const LOGOUT_EVENT: &str = "http://schemas.openid.net/event/backchannel-logout";
 
-fn write_secret(t_dir: &std::path::Path) -> String {
+pub(crate) fn write_secret(t_dir: &std::path::Path) -> String {
     let path = t_dir.join("webhook-secret");
     std::fs::write(&path, format!("{SECRET}\n")).unwrap();
     path.display().to_string()
@@ -60,7 +60,7 @@ async fn actors(conn: &DatabaseConnection, kind: &str) -> Vec<String> {
 // ---------------------------------------------------------------------------------------------------
 // Back-channel logout
 
-fn logout_token(issuer: &LocalIssuer, claims: Value) -> String {
+pub(crate) fn logout_token(issuer: &LocalIssuer, claims: Value) -> String {
     let kid = issuer.jwks_document()["keys"][0]["kid"]
         .as_str()
         .unwrap()
@@ -72,7 +72,7 @@ fn logout_token(issuer: &LocalIssuer, claims: Value) -> String {
     )
 }
 
-fn logout_claims(issuer: &LocalIssuer, jti: &str) -> Value {
+pub(crate) fn logout_claims(issuer: &LocalIssuer, jti: &str) -> Value {
     let now = devkit::unix_now();
     json!({
         "iss": issuer.issuer(), "aud": "web-app", "iat": now, "exp": now + 120, "jti": jti,
@@ -80,7 +80,7 @@ fn logout_claims(issuer: &LocalIssuer, jti: &str) -> Value {
     })
 }
 
-async fn post_logout(t: &TestApp, token: &str) -> reqwest::Response {
+pub(crate) async fn post_logout(t: &TestApp, token: &str) -> reqwest::Response {
     t.http
         .post(t.url("/.idsync/backchannel-logout"))
         .form(&[("logout_token", token)])
@@ -89,7 +89,7 @@ async fn post_logout(t: &TestApp, token: &str) -> reqwest::Response {
         .unwrap()
 }
 
-fn access_token(issuer: &LocalIssuer, sub: &str, sid: &str, iat_offset: i64) -> String {
+pub(crate) fn access_token(issuer: &LocalIssuer, sub: &str, sid: &str, iat_offset: i64) -> String {
     let mut c = issuer.claims_for(sub);
     c["sid"] = json!(sid);
     c["iat"] = json!(devkit::unix_now() + iat_offset);
@@ -465,7 +465,7 @@ fn keycloak_signature(body: &[u8]) -> String {
         .collect()
 }
 
-async fn keycloak_hook(t: &TestApp, body: &Value) -> reqwest::Response {
+pub(crate) async fn keycloak_hook(t: &TestApp, body: &Value) -> reqwest::Response {
     let bytes = serde_json::to_vec(body).unwrap();
     t.http
         .post(t.url("/.idsync/webhooks/keycloak"))
@@ -477,7 +477,12 @@ async fn keycloak_hook(t: &TestApp, body: &Value) -> reqwest::Response {
         .unwrap()
 }
 
-fn admin_event(kind: &str, path: &str, time: i64, representation: Option<Value>) -> Value {
+pub(crate) fn admin_event(
+    kind: &str,
+    path: &str,
+    time: i64,
+    representation: Option<Value>,
+) -> Value {
     let mut e = json!({
         "uid": uuid::Uuid::new_v4().to_string(), "type": kind, "time": time, "realmId": "r-1", "realmName": "acme",
         "resourcePath": path, "details": {}, "authDetails": {"realmId": "acme", "userId": "the-admin"}

@@ -25,6 +25,8 @@ on_both_databases!(
     deactivated_rows_are_refused_and_never_reactivated,
     an_id_owned_by_another_issuer_is_never_merged,
     a_failure_mid_transaction_leaves_no_partial_rows,
+    a_burst_of_first_requests_is_group_committed_and_one_failure_fails_alone,
+    group_commit_shares_new_organizations_and_writes_each_event_once,
 );
 
 async fn events(db: &DatabaseConnection) -> Vec<(String, Option<String>, Option<String>, Value)> {
@@ -349,11 +351,13 @@ async fn an_unchanged_identity_runs_no_sql_and_last_login_moves_only_after_the_i
         }
     }
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(
-        t.counter("idsync_db_statements_total", "").await,
-        statements,
-        "the warm path must execute no SQL"
-    );
+    if crate::helpers::metrics_isolated() {
+        assert_eq!(
+            t.counter("idsync_db_statements_total", "").await,
+            statements,
+            "the warm path must execute no SQL"
+        );
+    }
     let login = users::Entity::find_by_id("warm")
         .one(&conn)
         .await
@@ -956,4 +960,168 @@ async fn tenant_schema_is_created_with_a_safe_name_and_forwarded() {
         2,
         "the tenant schema exists and public survived: {schemas:?}"
     );
+}
+
+/// Group commit: a burst of first requests is written a batch at a time, each identity exactly as
+/// alone (rows, audit events once), a refused one answered on its own, and one whose write fails
+/// failing alone: the others in its batch are written again one by one.
+async fn a_burst_of_first_requests_is_group_committed_and_one_failure_fails_alone(db: TestDb) {
+    use sea_orm::ConnectionTrait as _;
+    let t = app().database(&db.url).start().await;
+    let conn = db.connect().await;
+    // "banned" exists and is deactivated; "doomed" cannot get a membership (a trigger refuses it).
+    assert_eq!(
+        t.get_with_token("/", &t.issuer.mint(keycloak_claims(&t, "banned")))
+            .await
+            .status(),
+        200
+    );
+    let (s, _) = t
+        .admin(reqwest::Method::POST, "/users/banned/deactivate", None)
+        .await;
+    assert_eq!(s, 200);
+    let trigger = if db.is_postgres {
+        vec![
+            "CREATE FUNCTION refuse_doomed() RETURNS trigger AS $$ BEGIN IF NEW.user_id = 'doomed' THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql",
+            "CREATE TRIGGER refuse_doomed BEFORE INSERT ON memberships FOR EACH ROW EXECUTE FUNCTION refuse_doomed()",
+        ]
+    } else {
+        vec![
+            "CREATE TRIGGER refuse_doomed BEFORE INSERT ON memberships WHEN NEW.user_id = 'doomed' BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
+        ]
+    };
+    for sql in trigger {
+        conn.execute_unprepared(sql).await.unwrap();
+    }
+    let before = count::<audit_events::Entity>(&conn).await;
+
+    let mut subjects: Vec<String> = (0..60).map(|i| format!("burst-{i}")).collect();
+    subjects.insert(17, "banned".into());
+    subjects.insert(33, "doomed".into());
+    let mut tasks = Vec::new();
+    for sub in &subjects {
+        let token = t.issuer.mint(keycloak_claims(&t, sub));
+        let (http, url, sub) = (t.http.clone(), t.url("/"), sub.clone());
+        tasks.push(tokio::spawn(async move {
+            let status = http
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16();
+            (sub, status)
+        }));
+    }
+    for task in tasks {
+        let (sub, status) = task.await.unwrap();
+        let want = match sub.as_str() {
+            "banned" => 403,
+            "doomed" => 503,
+            _ => 200,
+        };
+        assert_eq!(status, want, "{sub}");
+    }
+    assert_eq!(
+        count::<users::Entity>(&conn).await,
+        61,
+        "60 new users and banned"
+    );
+    assert_eq!(count::<memberships::Entity>(&conn).await, 61);
+    assert!(
+        users::Entity::find_by_id("doomed".to_owned())
+            .one(&conn)
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing half-written for the failed one"
+    );
+    let new_events = audit_events::Entity::find()
+        .order_by_asc(audit_events::Column::Id)
+        .all(&conn)
+        .await
+        .unwrap()
+        .into_iter()
+        .skip(before as usize)
+        .map(|e| e.kind)
+        .collect::<Vec<_>>();
+    let n = |k: &str| new_events.iter().filter(|e| *e == k).count();
+    assert_eq!(n("user_created"), 60, "{new_events:?}");
+    assert_eq!(n("membership_created"), 60);
+    assert_eq!(n("access_denied"), 1, "banned, once");
+    let (sum, batches) = (
+        t.counter("idsync_sync_batch_size_sum", "").await,
+        t.counter("idsync_sync_batch_size_count", "").await,
+    );
+    assert!(
+        batches > 0.0 && sum / batches > 1.0,
+        "first requests shared transactions: {sum} syncs in {batches} batches"
+    );
+}
+
+/// The multi-row path itself: new users sharing new organizations, a user twice in the burst; every
+/// row and event exactly once, and no batch needing the one-by-one fallback.
+async fn group_commit_shares_new_organizations_and_writes_each_event_once(db: TestDb) {
+    let t = app().database(&db.url).start().await;
+    let mut tasks = Vec::new();
+    for i in 0..48 {
+        let mut c = keycloak_claims(&t, &format!("member-{}", i % 40));
+        c["organization"] = json!({format!("Team {}", i % 3): {"id": format!("team-{}", i % 3)}});
+        c["jti"] = json!(i);
+        let token = t.issuer.mint(c);
+        let (http, url) = (t.http.clone(), t.url("/"));
+        tasks.push(tokio::spawn(async move {
+            http.get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 200);
+    }
+    let conn = db.connect().await;
+    assert_eq!(
+        (
+            count::<users::Entity>(&conn).await,
+            count::<organizations::Entity>(&conn).await,
+            count::<memberships::Entity>(&conn).await
+        ),
+        (40, 3, 48),
+        "eight members are in two teams"
+    );
+    let evs = events(&conn).await;
+    let all = kinds(&evs);
+    let n = |k: &str| all.iter().filter(|e| **e == k).count();
+    assert_eq!(
+        (
+            n("organization_created"),
+            n("user_created"),
+            n("membership_created")
+        ),
+        (3, 40, 48),
+        "{all:?}"
+    );
+    let org = organizations::Entity::find_by_id("team-1".to_owned())
+        .one(&conn)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((org.name.as_str(), org.slug.as_str()), ("Team 1", "team-1"));
+    if crate::helpers::metrics_isolated() {
+        assert_eq!(
+            t.counter("idsync_sync_batch_fallbacks_total", "").await,
+            0.0,
+            "no batch fell back"
+        );
+    }
+    let (sum, batches) = (
+        t.counter("idsync_sync_batch_size_sum", "").await,
+        t.counter("idsync_sync_batch_size_count", "").await,
+    );
+    assert!(sum / batches > 1.0, "{sum} syncs in {batches} batches");
 }

@@ -1,4 +1,8 @@
-//! Logging (text or JSON lines on stdout) and the process-wide Prometheus recorder.
+//! Logging (text or JSON lines on stdout), the access log (`access`) and the process-wide Prometheus
+//! recorder.
+
+pub mod access;
+pub mod trace;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
@@ -12,6 +16,7 @@ pub enum LogFormat {
 
 /// Installs the global subscriber. A second call (tests, the demo) is a no-op.
 pub fn init(format: LogFormat, level: &str) {
+    access::set_format(format);
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal as _;
     // Colour codes only for a person at a terminal: in a file, a pipe or a log collector they are noise.

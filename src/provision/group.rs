@@ -1,0 +1,380 @@
+//! Group commit's statements: the syncs of a batch of first requests, each decided exactly as
+//! `store::sync` decides it alone, but written with one statement per table for the whole batch (three
+//! reads, one insert of new organizations, one upsert of users and one of memberships per kind of
+//! update, one audit insert in the caller), instead of four or five statements per request. The same
+//! guards are in the statements (`issuer = excluded.issuer`, `role_source = 'idp'`), and events still
+//! come only from what the writes returned.
+//!
+//! The batch must have at most one request per user. Anything the single-request path handles by
+//! looking again (a slug taken, a row that appeared between read and write and turned out to be foreign
+//! or inactive) makes this return `Err`: the caller rolls back and runs each request on its own.
+
+use super::audit::{ACTOR, AuditKind, Event};
+use super::naming;
+use super::schemas;
+use super::store::{
+    MembershipWrite, Refusal, StoreError, SyncOutcome, SyncRequest, check_org, membership_conflict,
+    membership_row, profile_changes, user_conflict, user_row,
+};
+use entity::{memberships, organizations, users};
+use sea_orm::sea_query::{Condition, ExprTrait, OnConflict};
+use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter};
+use serde_json::{Value, json};
+use std::collections::{HashMap, HashSet};
+
+/// Per request: its outcome and events, or its refusal (decided before anything of its own was written).
+pub(super) type Answer<'r> = Result<(SyncOutcome, Vec<Event<'r>>), StoreError>;
+
+fn bail(what: &str) -> StoreError {
+    StoreError::Db(DbErr::Custom(format!("group commit: {what}")))
+}
+
+pub(super) async fn sync_many<'r>(
+    txn: &impl ConnectionTrait,
+    reqs: &'r [SyncRequest<'_>],
+) -> Result<Vec<Answer<'r>>, StoreError> {
+    let subject = |r: &'r SyncRequest<'_>| r.identity.subject.as_ref().map(|s| s.as_str());
+    let tenant = |r: &'r SyncRequest<'_>| r.tenant.map(|t| t.id.as_str());
+
+    // Reads: the rows every request may touch, by primary key.
+    let user_ids: Vec<&str> = reqs.iter().filter_map(subject).collect();
+    if user_ids.len() != user_ids.iter().collect::<HashSet<_>>().len() {
+        return Err(bail("a user twice in one batch"));
+    }
+    let org_ids: Vec<&str> = reqs
+        .iter()
+        .filter_map(tenant)
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let users_before: HashMap<String, users::Model> = if user_ids.is_empty() {
+        HashMap::new()
+    } else {
+        users::Entity::find()
+            .filter(users::Column::Id.is_in(user_ids.iter().copied()))
+            .all(txn)
+            .await?
+            .into_iter()
+            .map(|u| (u.id.clone(), u))
+            .collect()
+    };
+    let mut orgs: HashMap<String, organizations::Model> = if org_ids.is_empty() {
+        HashMap::new()
+    } else {
+        organizations::Entity::find()
+            .filter(organizations::Column::Id.is_in(org_ids.iter().copied()))
+            .all(txn)
+            .await?
+            .into_iter()
+            .map(|o| (o.id.clone(), o))
+            .collect()
+    };
+    let pairs: Vec<(&str, &str)> = reqs
+        .iter()
+        .filter_map(|r| subject(r).zip(tenant(r)))
+        .collect();
+    let members_before: HashMap<(String, String), memberships::Model> = if pairs.is_empty() {
+        HashMap::new()
+    } else {
+        let mut any = Condition::any();
+        for (u, o) in &pairs {
+            any = any.add(
+                memberships::Column::UserId
+                    .eq(*u)
+                    .and(memberships::Column::OrganizationId.eq(*o)),
+            );
+        }
+        memberships::Entity::find()
+            .filter(any)
+            .all(txn)
+            .await?
+            .into_iter()
+            .map(|m| ((m.user_id.clone(), m.organization_id.clone()), m))
+            .collect()
+    };
+
+    // Refusals before any write, as `sync_in` makes them.
+    let mut answers: Vec<Option<Answer<'r>>> = (0..reqs.len()).map(|_| None).collect();
+    for (i, r) in reqs.iter().enumerate() {
+        let issuer: &str = &r.identity.issuer;
+        let refusal = if let Some(u) = subject(r).and_then(|s| users_before.get(s)) {
+            if u.issuer != issuer {
+                Some(Refusal::IdentityConflict(format!(
+                    "user id is owned by issuer {}",
+                    u.issuer
+                )))
+            } else if !u.is_active {
+                Some(Refusal::UserInactive)
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+        let refusal = refusal.or_else(|| {
+            let o = tenant(r).and_then(|t| orgs.get(t))?;
+            match check_org(o, issuer) {
+                Err(StoreError::Refused(refusal)) => Some(refusal),
+                _ => None,
+            }
+        });
+        let refusal = refusal.or_else(|| {
+            let key = (subject(r)?.to_owned(), tenant(r)?.to_owned());
+            members_before
+                .get(&key)
+                .filter(|m| !m.is_active)
+                .map(|_| Refusal::MembershipInactive)
+        });
+        if let Some(refusal) = refusal {
+            answers[i] = Some(Err(StoreError::Refused(refusal)));
+        }
+    }
+    let live = |answers: &[Option<Answer<'r>>]| -> Vec<usize> {
+        (0..answers.len())
+            .filter(|i| answers[*i].is_none())
+            .collect()
+    };
+    let mut events: Vec<Vec<Event<'r>>> = (0..reqs.len()).map(|_| Vec::new()).collect();
+    let ev = |r: &'r SyncRequest<'_>, kind: AuditKind, details: Value| Event {
+        kind,
+        issuer: Some(&r.identity.issuer),
+        user: subject(r),
+        organization: tenant(r),
+        actor: ACTOR,
+        details,
+        at: r.now,
+    };
+
+    // Organizations no one has yet: one insert, the first request naming each one creating it.
+    let mut creators: HashMap<&str, usize> = HashMap::new();
+    for i in live(&answers) {
+        if let Some(t) = reqs[i].tenant
+            && !orgs.contains_key(&t.id)
+        {
+            creators.entry(t.id.as_str()).or_insert(i);
+        }
+    }
+    if !creators.is_empty() {
+        let mut rows = Vec::new();
+        for &i in creators.values() {
+            let r = &reqs[i];
+            let target = r.tenant.expect("creators name a tenant");
+            let [slug, _] = naming::slug_candidates(&target.name, &target.id);
+            let schema_name = match r.tenant_schema {
+                Some(t) => Some(schemas::name_for(t, &slug, &target.id)?),
+                None => None,
+            };
+            rows.push(organizations::ActiveModel {
+                id: Set(target.id.clone()),
+                issuer: Set(r.identity.issuer.to_string()),
+                name: Set(target.name.clone()),
+                slug: Set(slug),
+                is_active: Set(true),
+                metadata: Set(None),
+                schema_name: Set(schema_name),
+                lifecycle_at: Set(None),
+                deactivated_by: Set(None),
+                origin: Set(r.origin.as_str().to_owned()),
+                created_at: Set(r.now),
+                updated_at: Set(r.now),
+            });
+        }
+        let created = match organizations::Entity::insert_many(rows)
+            .on_conflict(OnConflict::new().do_nothing().to_owned())
+            .exec_with_returning(txn)
+            .await
+        {
+            Ok(rows) => rows,
+            Err(DbErr::RecordNotInserted | DbErr::RecordNotFound(_)) => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        for org in created {
+            let i = creators[org.id.as_str()];
+            if let Some(schema) = &org.schema_name {
+                schemas::create(txn, schema).await?;
+            }
+            events[i].push(ev(
+                &reqs[i],
+                AuditKind::OrganizationCreated,
+                json!({"name": org.name, "slug": org.slug, "schema": org.schema_name}),
+            ));
+            orgs.insert(org.id.clone(), org);
+        }
+        // Not created: made meanwhile by another transaction, or its slug is taken (which the request
+        // alone resolves with its next candidate).
+        let missing: Vec<&str> = creators
+            .keys()
+            .copied()
+            .filter(|id| !orgs.contains_key(*id))
+            .collect();
+        if !missing.is_empty() {
+            for o in organizations::Entity::find()
+                .filter(organizations::Column::Id.is_in(missing.iter().copied()))
+                .all(txn)
+                .await?
+            {
+                orgs.insert(o.id.clone(), o);
+            }
+            if missing.iter().any(|id| !orgs.contains_key(*id)) {
+                return Err(bail("an organization's slug is taken"));
+            }
+        }
+        for i in live(&answers) {
+            if let Some(o) = tenant(&reqs[i]).and_then(|t| orgs.get(t))
+                && let Err(StoreError::Refused(refusal)) = check_org(o, &reqs[i].identity.issuer)
+            {
+                answers[i] = Some(Err(StoreError::Refused(refusal)));
+            }
+        }
+    }
+
+    // Users: one upsert per kind of update (usually one).
+    let mut after_users: HashMap<String, users::Model> = HashMap::new();
+    let mut groups: HashMap<(bool, bool), Vec<usize>> = HashMap::new();
+    for i in live(&answers) {
+        let r = &reqs[i];
+        let Some(id) = subject(r) else { continue };
+        // A token issued before the last lifecycle event applied to the user keeps its older profile out.
+        let older = match (users_before.get(id), r.issued_at) {
+            (Some(u), Some(iat)) => u.lifecycle_at.is_some_and(|l| iat < l),
+            _ => false,
+        };
+        groups
+            .entry((!older, !r.identity.roles.is_empty()))
+            .or_default()
+            .push(i);
+    }
+    for ((profile, roles), members) in groups {
+        let rows = members.iter().map(|&i| {
+            let r = &reqs[i];
+            user_row(
+                subject(r).expect("grouped users have one"),
+                r.identity,
+                r.now,
+            )
+        });
+        for u in users::Entity::insert_many(rows)
+            .on_conflict(user_conflict(profile, roles))
+            .exec_with_returning(txn)
+            .await?
+        {
+            after_users.insert(u.id.clone(), u);
+        }
+    }
+    for i in live(&answers) {
+        let r = &reqs[i];
+        let Some(id) = subject(r) else { continue };
+        let after = after_users
+            .get(id)
+            .ok_or_else(|| bail("a user row was not returned"))?;
+        if after.issuer != *r.identity.issuer {
+            // Appeared between the read and the write: the request alone refuses it cleanly.
+            return Err(bail("a user row turned out to be another issuer's"));
+        }
+        if after.created_at == r.now {
+            events[i].push(ev(
+                r,
+                AuditKind::UserCreated,
+                json!({"email": after.email, "name": after.name}),
+            ));
+        } else if after.updated_at == r.now {
+            let changes = profile_changes(users_before.get(id), after);
+            events[i].push(ev(
+                r,
+                AuditKind::ProfileUpdated,
+                json!({"changes": changes}),
+            ));
+        }
+    }
+
+    // Memberships: one upsert per kind (the token speaks for the tenant or not).
+    let mut roles: Vec<Option<String>> = vec![None; reqs.len()];
+    let mut kinds: HashMap<bool, Vec<usize>> = HashMap::new();
+    for i in live(&answers) {
+        let r = &reqs[i];
+        let (Some(user), Some(org), Some(plan)) = (subject(r), tenant(r), r.role) else {
+            continue;
+        };
+        let stored = members_before
+            .get(&(user.to_owned(), org.to_owned()))
+            .map(super::stored_membership);
+        roles[i] = Some(plan.resolve(stored.as_ref()).to_owned());
+        kinds.entry(plan.from_idp.is_some()).or_default().push(i);
+    }
+    let mut after_members: HashMap<(String, String), memberships::Model> = HashMap::new();
+    for (speaks, members) in kinds {
+        let rows: Vec<memberships::ActiveModel> = members
+            .iter()
+            .map(|&i| {
+                let r = &reqs[i];
+                membership_row(&MembershipWrite {
+                    user_id: subject(r).expect("kinds have users"),
+                    org_id: tenant(r).expect("kinds have tenants"),
+                    role: roles[i].as_deref().expect("kinds have roles"),
+                    idp_roles: speaks.then_some(r.identity.roles.as_slice()),
+                    origin: r.origin,
+                    now: r.now,
+                })
+            })
+            .collect();
+        for m in memberships::Entity::insert_many(rows)
+            .on_conflict(membership_conflict(speaks))
+            .exec_with_returning(txn)
+            .await?
+        {
+            after_members.insert((m.user_id.clone(), m.organization_id.clone()), m);
+        }
+    }
+
+    // Outcomes, from what the writes returned.
+    for i in 0..reqs.len() {
+        if answers[i].is_some() {
+            continue;
+        }
+        let r = &reqs[i];
+        let user = subject(r).and_then(|id| after_users.get(id)).cloned();
+        let organization = tenant(r).and_then(|t| orgs.get(t)).cloned();
+        let membership = match (subject(r), tenant(r), roles[i].is_some()) {
+            (Some(u), Some(o), true) => {
+                let key = (u.to_owned(), o.to_owned());
+                let after = after_members
+                    .get(&key)
+                    .ok_or_else(|| bail("a membership row was not returned"))?;
+                if !after.is_active {
+                    return Err(bail("a membership turned out to be inactive"));
+                }
+                if after.created_at == r.now {
+                    events[i].push(ev(
+                        r,
+                        AuditKind::MembershipCreated,
+                        json!({"role": after.role, "role_source": after.role_source, "idp_roles": after.idp_roles}),
+                    ));
+                } else if let Some(before) =
+                    members_before.get(&key).filter(|b| b.role != after.role)
+                {
+                    events[i].push(ev(
+                        r,
+                        AuditKind::RoleChanged,
+                        json!({"from": before.role, "to": after.role, "idp_roles": after.idp_roles}),
+                    ));
+                }
+                Some(after.clone())
+            }
+            _ => None,
+        };
+        let schema = organization.as_ref().and_then(|o| o.schema_name.clone());
+        answers[i] = Some(Ok((
+            SyncOutcome {
+                user,
+                organization,
+                membership,
+                schema,
+            },
+            std::mem::take(&mut events[i]),
+        )));
+    }
+    Ok(answers
+        .into_iter()
+        .map(|a| a.expect("every request answered"))
+        .collect())
+}
