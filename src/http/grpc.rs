@@ -21,6 +21,26 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
             .is_none_or(|b| matches!(b, b'+' | b';'))
 }
 
+/// The client's deadline (`grpc-timeout`: up to 8 digits and a unit, H M S m u n), if well-formed.
+pub fn timeout(headers: &HeaderMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// The gRPC status code for an idsync refusal of this HTTP status.
 pub fn status_code(status: StatusCode) -> u8 {
     match status.as_u16() {
@@ -96,6 +116,22 @@ mod tests {
         assert!(!with("application/grpcx"));
         assert!(!with("application/json"));
         assert!(!is_grpc(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn grpc_timeouts_are_parsed_and_malformed_ones_ignored() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-timeout", HeaderValue::from_str(v).unwrap());
+            timeout(&h)
+        };
+        use std::time::Duration;
+        assert_eq!(with("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(with("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(with("2H"), Some(Duration::from_secs(7200)));
+        for bad in ["", "S", "5", "5s", "-5S", "123456789S", "5 S"] {
+            assert_eq!(with(bad), None, "{bad}");
+        }
     }
 
     #[test]

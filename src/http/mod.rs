@@ -102,6 +102,9 @@ impl server::Handler for Edge {
                 Some(s) => Some(s.trace_id()),
                 None => trace::incoming_trace_id(req.headers()),
             };
+            // Noted before the request is handed on: a refused gRPC call is answered in gRPC's shape,
+            // after the log line and the span have recorded the HTTP status it stands for.
+            let grpc = !is_idsync_path(uri.path()) && grpc::is_grpc(req.headers());
             let handled = edge.handle(req.map(Body::new), peer, uri.path());
             let response = match (&span, trace_id) {
                 (Some(s), Some(id)) => {
@@ -122,7 +125,11 @@ impl server::Handler for Edge {
                 );
             }
             log_request(&method, uri.path(), &response, started, trace_id);
-            response
+            if grpc {
+                grpc::refusal(response)
+            } else {
+                response
+            }
         }
     }
 }
@@ -137,14 +144,7 @@ impl Edge {
             }
         } else {
             let state = &self.state;
-            let grpc = grpc::is_grpc(req.headers());
-            let response =
-                cors::around(&state.cors, req, |req| reverse_proxy(state, peer, req)).await;
-            if grpc {
-                grpc::refusal(response)
-            } else {
-                response
-            }
+            cors::around(&state.cors, req, |req| reverse_proxy(state, peer, req)).await
         }
     }
 }

@@ -103,10 +103,10 @@ impl Upstream {
                 )?
             }
         };
-        // An HTTP/2 client names the host in `:authority`, not `Host`: give it to the forwarding headers
-        // and an HTTP/1.1 app as `Host`, as an HTTP/1.1 client would have sent it.
-        if !req.headers().contains_key(header::HOST)
-            && let Some(authority) = req.uri().authority()
+        // When the request target names the host (HTTP/2's `:authority`, an HTTP/1.1 absolute-form
+        // target), that is the host, whatever `Host` says (RFC 9113 section 8.3.1, RFC 9112 section
+        // 3.2.2): it becomes `Host` for the forwarding headers and an HTTP/1.1 app.
+        if let Some(authority) = req.uri().authority()
             && let Ok(host) = HeaderValue::from_str(authority.as_str())
         {
             req.headers_mut().insert(header::HOST, host);
@@ -139,6 +139,8 @@ impl Upstream {
                 .flat_map(|v| v.split(','))
                 .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
         remove_hop_by_hop(headers);
+        // Request trailers are never forwarded (below), so nothing is declared either.
+        headers.remove(header::TRAILER);
         if te_trailers {
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
@@ -155,8 +157,21 @@ impl Upstream {
 
         static UPSTREAM_SECONDS: std::sync::LazyLock<metrics::Histogram> =
             std::sync::LazyLock::new(|| metrics::histogram!("idsync_upstream_seconds"));
+        // A gRPC call's deadline is its client's (`grpc-timeout`, passed on): a long call must not be cut
+        // at --upstream-timeout, and one without a deadline has none here either.
+        let limit = if super::grpc::is_grpc(req.headers()) {
+            super::grpc::timeout(req.headers()).map(|t| t + GRPC_DEADLINE_SLACK)
+        } else {
+            Some(self.response_timeout)
+        };
+        // Request trailers would bypass the header policy (a trailer named X-User-Id reaches the app
+        // after the stripped headers): the body goes on without them.
+        let req = req.map(|body| Body::new(WithoutTrailers(body)));
         let started = std::time::Instant::now();
-        let result = tokio::time::timeout(self.response_timeout, self.client.request(req)).await;
+        let result = match limit {
+            Some(limit) => tokio::time::timeout(limit, self.client.request(req)).await,
+            None => Ok(self.client.request(req).await),
+        };
         UPSTREAM_SECONDS.record(started.elapsed().as_secs_f64());
         let mut response = match result {
             Err(_) => return Err(ApiError::UpstreamTimeout),
@@ -204,6 +219,38 @@ impl Upstream {
 
         remove_hop_by_hop(response.headers_mut());
         Ok(response.map(Body::new))
+    }
+}
+
+/// What idsync adds to a gRPC client's deadline before answering DEADLINE_EXCEEDED itself, so the app's
+/// own answer to an expired deadline wins.
+const GRPC_DEADLINE_SLACK: Duration = Duration::from_secs(1);
+
+/// A request body with its trailers dropped (the data passes as it is).
+struct WithoutTrailers(Body);
+
+impl hyper::body::Body for WithoutTrailers {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.0).poll_frame(cx) {
+            // Trailers end a body: ending it here drops them.
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => Poll::Ready(None),
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.0.size_hint()
     }
 }
 

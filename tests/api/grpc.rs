@@ -113,8 +113,19 @@ async fn h2c_upstream() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
                             .iter()
                             .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or("?"))))
                             .collect();
-                        let body =
-                            json!({"version": format!("{:?}", req.version()), "headers": headers});
+                        let version = format!("{:?}", req.version());
+                        // `/slow/<ms>` answers after that long.
+                        if let Some(ms) = req.uri().path().strip_prefix("/slow/") {
+                            let ms: u64 = ms.parse().unwrap_or(0);
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
+                        let received = req.into_body().collect().await.ok();
+                        let request_trailers: Vec<String> = received
+                            .as_ref()
+                            .and_then(|c| c.trailers())
+                            .map(|t| t.keys().map(|k| k.to_string()).collect())
+                            .unwrap_or_default();
+                        let body = json!({"version": version, "headers": headers, "request_trailers": request_trailers});
                         let mut trailers = http::HeaderMap::new();
                         trailers.insert("grpc-status", "0".parse().unwrap());
                         trailers.insert("x-checksum", "abc".parse().unwrap());
@@ -285,4 +296,164 @@ async fn a_real_grpc_client_and_server_work_through_idsync() {
     );
     drop(server.stdin.take());
     let _ = tokio::time::timeout(Duration::from_secs(5), server.wait()).await;
+}
+
+type Frames =
+    futures_util::stream::Iter<std::vec::IntoIter<Result<hyper::body::Frame<Bytes>, Infallible>>>;
+
+/// A request body of `data` followed by these trailers.
+fn body_with_trailers(
+    data: &'static [u8],
+    trailers: &[(&'static str, &'static str)],
+) -> http_body_util::StreamBody<Frames> {
+    let mut map = http::HeaderMap::new();
+    for (k, v) in trailers {
+        map.insert(*k, v.parse().unwrap());
+    }
+    http_body_util::StreamBody::new(futures_util::stream::iter(vec![
+        Ok(hyper::body::Frame::data(Bytes::from_static(data))),
+        Ok(hyper::body::Frame::trailers(map)),
+    ]))
+}
+
+#[tokio::test]
+async fn request_trailers_never_reach_the_app() {
+    // Regression: with `Trailer` no longer stripped, a client's trailer named X-User-Id went past the
+    // header policy to an h2c app.
+    let (addr, server) = h2c_upstream().await;
+    let t = app().upstream(&format!("h2c://{addr}")).start().await;
+    let token = t.issuer.mint(t.issuer.claims_for("honest"));
+    for http2 in [true, false] {
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(http2)
+            .build_http();
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(t.url("/upload"))
+            .header("authorization", format!("Bearer {token}"))
+            .header("te", "trailers")
+            .header("trailer", "x-user-id, x-tenant-id")
+            .body(body_with_trailers(
+                b"payload",
+                &[("x-user-id", "victim"), ("x-tenant-id", "victims-tenant")],
+            ))
+            .unwrap();
+        let r = client.request(req).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let seen: Value =
+            serde_json::from_slice(&r.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(
+            seen["request_trailers"],
+            json!([]),
+            "HTTP/2 client {http2}: {seen}"
+        );
+        assert_ne!(seen["headers"]["x-user-id"], "victim", "{seen}");
+        assert!(seen["headers"].get("trailer").is_none(), "{seen}");
+    }
+    server.abort();
+}
+
+#[tokio::test]
+async fn grpc_calls_wait_for_their_own_deadline_not_the_upstream_timeout() {
+    // Regression: --upstream-timeout (here 1 s) cut gRPC calls whose client allowed longer.
+    let (addr, server) = h2c_upstream().await;
+    let t = app()
+        .upstream(&format!("h2c://{addr}"))
+        .arg("--upstream-timeout")
+        .arg("1s")
+        .start()
+        .await;
+    let token = t.issuer.mint(t.issuer.claims_for("patient-grpc"));
+    let client = h2_client();
+    let call = |path: &str, deadline: &str| {
+        let mut req = request(&t.url(path), Some(&token), true);
+        req.headers_mut()
+            .insert("grpc-timeout", deadline.parse().unwrap());
+        client.request(req)
+    };
+    let r = call("/slow/2500", "10S").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers().get("grpc-status").is_none(),
+        "answered by the app"
+    );
+    // A deadline shorter than the app's answer: idsync gives up a second after it, in gRPC's terms.
+    let started = std::time::Instant::now();
+    let r = call("/slow/5000", "500m").await.unwrap();
+    assert_eq!(r.headers()["grpc-status"], "4", "DEADLINE_EXCEEDED");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    // Plain HTTP keeps --upstream-timeout.
+    let r = client
+        .request(request(&t.url("/slow/2500"), Some(&token), false))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    server.abort();
+}
+
+#[tokio::test]
+async fn the_request_target_names_the_host_not_a_second_host_header() {
+    // Regression: an absolute-form target (or HTTP/2 `:authority`) with a different `Host` made the
+    // `Host` header win, so X-Forwarded-Host named what the target did not.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = app().start().await;
+    let token = t.issuer.mint(t.issuer.claims_for("host-user"));
+    let mut s = tokio::net::TcpStream::connect(t.app.proxy_addr)
+        .await
+        .unwrap();
+    s.write_all(
+        format!(
+            "GET http://good.example/x HTTP/1.1\r\nHost: evil.example\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body: Value = serde_json::from_str(&text[text.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+    assert_eq!(
+        body["headers"]["x-forwarded-host"],
+        json!(["good.example"]),
+        "{body}"
+    );
+    assert_eq!(body["headers"]["host"], json!(["good.example"]), "{body}");
+}
+
+#[tokio::test]
+async fn a_client_that_sends_nothing_or_half_a_preface_is_disconnected() {
+    // Regression: with one listener for both protocols, the first bytes were awaited without the
+    // header-read timeout, so a silent connection stayed open for ever.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = app().arg("--header-read-timeout").arg("1s").start().await;
+    for first in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
+        let mut s = tokio::net::TcpStream::connect(t.app.proxy_addr)
+            .await
+            .unwrap();
+        s.write_all(first).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        assert!(
+            read.is_ok(),
+            "the server must close the connection ({first:?})"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    let token = t.issuer.mint(t.issuer.claims_for("after-silence"));
+    let r = h2_client()
+        .request(request(&t.url("/"), Some(&token), false))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "HTTP/2 still served");
 }
