@@ -166,7 +166,12 @@ impl Upstream {
         };
         // Request trailers would bypass the header policy (a trailer named X-User-Id reaches the app
         // after the stripped headers): the body goes on without them.
-        let req = req.map(|body| Body::new(WithoutTrailers(body)));
+        // A body already at its end (most GETs) has no trailers to drop: no wrapper, no allocation.
+        let req = if hyper::body::Body::is_end_stream(req.body()) {
+            req
+        } else {
+            req.map(|body| Body::new(WithoutTrailers(body)))
+        };
         let started = std::time::Instant::now();
         let result = match limit {
             Some(limit) => tokio::time::timeout(limit, self.client.request(req)).await,
