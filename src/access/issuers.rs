@@ -144,11 +144,7 @@ impl IssuerRegistry {
         token: &str,
         now: i64,
     ) -> Result<(Arc<Issuer>, VerifiedToken), VerifyError> {
-        let parsed = ParsedToken::parse(token, self.verify.max_token_bytes)?;
-        let issuer = self
-            .get(parsed.issuer())
-            .ok_or(VerifyError::UnknownIssuer)?
-            .clone();
+        let (parsed, issuer) = self.route(token)?;
         let verified =
             crate::oidc::verify(&issuer.trust, &parsed, now, &self.verify, Purpose::Access).await?;
         Ok((issuer, verified))
@@ -161,16 +157,22 @@ impl IssuerRegistry {
         token: &str,
         now: i64,
     ) -> Result<(Arc<Issuer>, VerifiedToken), VerifyError> {
-        let parsed = ParsedToken::parse(token, self.verify.max_token_bytes)?;
-        let issuer = self
-            .get(parsed.issuer())
-            .ok_or(VerifyError::UnknownIssuer)?
-            .clone();
+        let (parsed, issuer) = self.route(token)?;
         let purpose = Purpose::Logout {
             audiences: &issuer.logout_audiences,
         };
         let verified =
             crate::oidc::verify(&issuer.trust, &parsed, now, &self.verify, purpose).await?;
         Ok((issuer, verified))
+    }
+
+    /// Parses the token's header and `iss` and picks the configured issuer it names (no network).
+    fn route<'t>(&self, token: &'t str) -> Result<(ParsedToken<'t>, Arc<Issuer>), VerifyError> {
+        let parsed = ParsedToken::parse(token, self.verify.max_token_bytes)?;
+        let issuer = self
+            .get(parsed.issuer())
+            .ok_or(VerifyError::UnknownIssuer)?
+            .clone();
+        Ok((parsed, issuer))
     }
 }
