@@ -1,7 +1,9 @@
 //! Test databases: a SQLite file in a temp dir always; a fresh PostgreSQL database per test when
 //! `IDSYNC_TEST_POSTGRES_URL` is set (CI sets it), dropped when the test ends.
 
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
+use sea_orm::{
+    ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, TransactionTrait,
+};
 
 pub struct TestDb {
     pub url: String,
@@ -66,6 +68,37 @@ impl TestDb {
 
     pub async fn connect(&self) -> DatabaseConnection {
         Database::connect(&self.url).await.unwrap()
+    }
+
+    /// Blocks idsync's writes (not its reads) until the hold is released: on SQLite by holding the
+    /// write lock, on PostgreSQL by locking `users` against inserts. A burst sent meanwhile queues up
+    /// behind the blocked writer, so what is batched does not depend on how fast this machine is.
+    pub async fn hold_writes(&self) -> WriteHold {
+        let conn = self.connect().await;
+        if !self.is_postgres {
+            conn.execute_unprepared("CREATE TABLE IF NOT EXISTS test_write_hold (x INTEGER)")
+                .await
+                .unwrap();
+        }
+        let txn = conn.begin().await.unwrap();
+        let sql = if self.is_postgres {
+            "LOCK TABLE users IN SHARE ROW EXCLUSIVE MODE"
+        } else {
+            "INSERT INTO test_write_hold VALUES (1)"
+        };
+        txn.execute_unprepared(sql).await.unwrap();
+        WriteHold { txn, _conn: conn }
+    }
+}
+
+pub struct WriteHold {
+    txn: DatabaseTransaction,
+    _conn: DatabaseConnection,
+}
+
+impl WriteHold {
+    pub async fn release(self) {
+        self.txn.rollback().await.unwrap();
     }
 }
 
