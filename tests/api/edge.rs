@@ -165,7 +165,8 @@ async fn client_forwarding_headers_are_replaced_unless_the_peer_is_a_trusted_pro
 }
 
 #[tokio::test]
-async fn a_rotated_key_is_accepted_within_5s_of_first_use_even_right_after_a_forged_kid_flood() {
+async fn a_rotated_key_is_accepted_within_one_cooldown_of_first_use_even_right_after_a_forged_kid_flood()
+ {
     let t = app().start().await;
     let warm = t.issuer.mint(t.issuer.claims_for("warm"));
     assert_eq!(t.get_with_token("/", &warm).await.status(), 200);
@@ -204,8 +205,10 @@ async fn a_rotated_key_is_accepted_within_5s_of_first_use_even_right_after_a_for
     flood.abort();
     let elapsed = started.elapsed();
     let fetches = t.issuer.jwks_fetches() - fetches_before;
+    // At most one cooldown (the default 5 s) after the flood's first fetch, which came before first
+    // use; the slack is for a busy machine, far below the old behaviour (refused for up to 30 s).
     assert!(
-        accepted_after <= Duration::from_millis(5_200),
+        accepted_after <= Duration::from_millis(6_500),
         "accepted {accepted_after:?} after first use"
     );
     let budget = elapsed.as_secs_f64() / 5.0 + 1.0;
@@ -277,8 +280,7 @@ async fn a_cached_token_stops_when_its_key_is_replaced_under_the_same_kid_or_in_
             "pem={pem}"
         );
         std::fs::write(&path, contents_b).unwrap();
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        assert_error(t.get_with_token("/", &token).await, 401, "invalid_token").await;
+        assert_error(t.get_until("/", &token, 401).await, 401, "invalid_token").await;
         let mut claims = b.claims_for("new-key");
         claims["iss"] = json!(t.issuer.issuer());
         assert_eq!(t.get_with_token("/", &b.mint(claims)).await.status(), 200);
@@ -343,7 +345,8 @@ async fn only_websockets_are_tunnelled_and_a_tunnel_closes_when_its_token_expire
     use tokio_tungstenite::tungstenite::Message;
     let t = app().start().await;
     let mut claims = t.issuer.claims_for("ws-user");
-    claims["exp"] = json!(devkit::unix_now() + 2);
+    // Time enough for the upgrade and one echo on a busy machine, short enough to wait out.
+    claims["exp"] = json!(devkit::unix_now() + 5);
     let token = t.issuer.mint(claims);
     let mut request =
         tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
@@ -361,7 +364,7 @@ async fn only_websockets_are_tunnelled_and_a_tunnel_closes_when_its_token_expire
     let echoed = ws.next().await.unwrap().unwrap();
     assert_eq!(echoed.into_text().unwrap().as_str(), "ping");
     // Past `exp` the tunnel is closed by idsync, whatever the two ends do.
-    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match ws.next().await {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,

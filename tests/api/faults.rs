@@ -344,7 +344,7 @@ async fn graceful_shutdown_under_load_finishes_every_in_flight_request() {
     assert_eq!(t.get_with_token("/", &token).await.status(), 200);
     let mut tasks = Vec::new();
     for _ in 0..50 {
-        let (http, url, token) = (t.http.clone(), t.url("/slow/500"), token.clone());
+        let (http, url, token) = (t.http.clone(), t.url("/slow/1500"), token.clone());
         tasks.push(tokio::spawn(async move {
             http.get(url)
                 .bearer_auth(token)
@@ -353,7 +353,12 @@ async fn graceful_shutdown_under_load_finishes_every_in_flight_request() {
                 .map(|r| r.status().as_u16())
         }));
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Stop once every request is in flight at the upstream (not after a guess at how long that takes).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while t.upstream.hits() < 51 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(t.upstream.hits(), 51, "all 50 reached the upstream");
     let crate::helpers::TestApp {
         app,
         issuer: _issuer,

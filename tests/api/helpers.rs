@@ -195,6 +195,19 @@ impl TestApp {
             .unwrap()
     }
 
+    /// GETs `path` with `token` until the answer is `status` (what a background task, e.g. a key
+    /// refresh, is expected to bring about), at most 10 s; returns the last response.
+    pub async fn get_until(&self, path: &str, token: &str, status: u16) -> reqwest::Response {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = self.get_with_token(path, token).await;
+            if r.status() == status || std::time::Instant::now() > deadline {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// GET through the proxy and parse the echo.
     pub async fn echo(&self, req: reqwest::RequestBuilder) -> Echo {
         let r = req.send().await.unwrap();

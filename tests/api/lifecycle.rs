@@ -683,8 +683,26 @@ async fn a_change_on_one_replica_reaches_every_replica_within_a_second() {
             "synced and cached on both"
         );
     }
-    // Give the listeners a moment to be connected.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Both replicas' change listeners are connected (a notice sent before would reach nobody).
+    let conn = db.connect().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        use sea_orm::ConnectionTrait as _;
+        let row = conn
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DatabaseBackend::Postgres,
+                "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        let n: i64 = row.try_get("", "n").unwrap();
+        if n >= 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{n} listeners");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Through the admin API of one replica.
     let (s, _) = a

@@ -63,7 +63,7 @@ async fn soak_with_key_rotation_upstream_restart_and_database_outage() {
         "--database-url",
         &db.url,
         "--database-timeout",
-        "1s",
+        "3s",
         "--upstream-connect-timeout",
         "1s",
         "--jwks-refresh-interval",
@@ -165,7 +165,9 @@ async fn soak_with_key_rotation_upstream_restart_and_database_outage() {
                     }
                     Err(e) => format!("client error: {e}"),
                 };
-                let within = |(from, to): (u64, u64)| t + 1 >= from && t <= to + 2;
+                // After an outage, replicas flush their caches once their change listener is back
+                // (a backoff of up to a few seconds): the re-syncs that follow may still meet it.
+                let within = |(from, to): (u64, u64)| t + 1 >= from && t <= to + 5;
                 let explained = kind == "200"
                     || (kind == "502 upstream_unavailable" && within(upstream_window))
                     || (kind == "503 temporarily_unavailable" && within(db_window));
@@ -179,6 +181,7 @@ async fn soak_with_key_rotation_upstream_restart_and_database_outage() {
 
     let mut rss = Vec::new();
     let mut rotated = false;
+    let (mut upstream_done, mut db_done) = (false, false);
     let mut old_kid = issuer.jwks_document()["keys"][0]["kid"]
         .as_str()
         .unwrap()
@@ -194,14 +197,18 @@ async fn soak_with_key_rotation_upstream_restart_and_database_outage() {
             issuer.remove_key(&old_kid);
             old_kid.clear();
         }
-        if t == upstream_window.0 && !upstream.is_finished() {
+        // `>=` with a flag, not `==`: a loop turn that took over a second must not skip a fault.
+        if t >= upstream_window.0 && !upstream_done {
+            upstream_done = true;
             upstream.abort();
             tokio::time::sleep(Duration::from_secs(upstream_window.1 - upstream_window.0)).await;
             upstream = start_upstream(up_port).await;
         }
         if let Some(pg) = &pg
-            && t == db_window.0
+            && t >= db_window.0
+            && !db_done
         {
+            db_done = true;
             set_pg_connections(pg, false).await;
             tokio::time::sleep(Duration::from_secs(db_window.1 - db_window.0)).await;
             set_pg_connections(pg, true).await;

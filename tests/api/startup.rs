@@ -89,6 +89,7 @@ async fn sigterm_lets_in_flight_requests_finish_and_exits_0() {
     }
     assert!(ok, "idsync never served a request");
 
+    let before = upstream.hits();
     let inflight = tokio::spawn({
         let http = http.clone();
         let url = format!("http://{proxy}/slow/700");
@@ -100,7 +101,10 @@ async fn sigterm_lets_in_flight_requests_finish_and_exits_0() {
                 .map(|r| r.status().as_u16())
         }
     });
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while upstream.hits() == before && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let pid = child.id().unwrap().to_string();
     assert!(
         std::process::Command::new("kill")

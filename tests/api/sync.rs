@@ -320,8 +320,9 @@ async fn an_unchanged_identity_runs_no_sql_and_last_login_moves_only_after_the_i
 ) {
     let t = app()
         .database(&db.url)
+        // Long enough for the warm requests below to fit inside it on a busy machine.
         .arg("--last-seen-interval")
-        .arg("1s")
+        .arg("3s")
         .start()
         .await;
     let claims = keycloak_claims(&t, "warm");
@@ -370,7 +371,7 @@ async fn an_unchanged_identity_runs_no_sql_and_last_login_moves_only_after_the_i
         "last_login_at does not move within the interval"
     );
 
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     assert_eq!(
         t.get_with_token("/", &t.issuer.mint(claims)).await.status(),
         200
@@ -967,7 +968,13 @@ async fn tenant_schema_is_created_with_a_safe_name_and_forwarded() {
 /// failing alone: the others in its batch are written again one by one.
 async fn a_burst_of_first_requests_is_group_committed_and_one_failure_fails_alone(db: TestDb) {
     use sea_orm::ConnectionTrait as _;
-    let t = app().database(&db.url).start().await;
+    // The hold below spends part of each request's sync budget: give it room on a busy machine.
+    let t = app()
+        .database(&db.url)
+        .arg("--database-timeout")
+        .arg("20s")
+        .start()
+        .await;
     let conn = db.connect().await;
     // "banned" exists and is deactivated; "doomed" cannot get a membership (a trigger refuses it).
     assert_eq!(
@@ -995,6 +1002,7 @@ async fn a_burst_of_first_requests_is_group_committed_and_one_failure_fails_alon
     }
     let before = count::<audit_events::Entity>(&conn).await;
 
+    let verified = t.counter("idsync_token_verifications_total", "").await;
     let hold = db.hold_writes().await;
     let mut subjects: Vec<String> = (0..60).map(|i| format!("burst-{i}")).collect();
     subjects.insert(17, "banned".into());
@@ -1015,7 +1023,7 @@ async fn a_burst_of_first_requests_is_group_committed_and_one_failure_fails_alon
             (sub, status)
         }));
     }
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    wait_until_verified(&t, verified + 62.0).await;
     hold.release().await;
     for task in tasks {
         let (sub, status) = task.await.unwrap();
@@ -1066,7 +1074,13 @@ async fn a_burst_of_first_requests_is_group_committed_and_one_failure_fails_alon
 /// The multi-row path itself: new users sharing new organizations, a user twice in the burst; every
 /// row and event exactly once, and no batch needing the one-by-one fallback.
 async fn group_commit_shares_new_organizations_and_writes_each_event_once(db: TestDb) {
-    let t = app().database(&db.url).start().await;
+    let t = app()
+        .database(&db.url)
+        .arg("--database-timeout")
+        .arg("20s")
+        .start()
+        .await;
+    let verified = t.counter("idsync_token_verifications_total", "").await;
     let hold = db.hold_writes().await;
     let mut tasks = Vec::new();
     for i in 0..48 {
@@ -1085,7 +1099,7 @@ async fn group_commit_shares_new_organizations_and_writes_each_event_once(db: Te
                 .as_u16()
         }));
     }
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    wait_until_verified(&t, verified + 48.0).await;
     hold.release().await;
     for task in tasks {
         assert_eq!(task.await.unwrap(), 200);
@@ -1134,4 +1148,20 @@ async fn group_commit_shares_new_organizations_and_writes_each_event_once(db: Te
         // Held writers (one on SQLite, eight on PostgreSQL) each took one job; the rest shared.
         assert!(batches <= 12.0, "{sum} syncs in {batches} batches");
     }
+}
+
+/// Waits (at most 20 s) until `total` tokens have been verified, so a burst sent while the writes are
+/// held has reached the sync queue, then a moment for the last ones to be queued; at least a second,
+/// since under `cargo test` the counter is shared with other tests and may run ahead.
+async fn wait_until_verified(t: &TestApp, total: f64) {
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(20) {
+        if t.counter("idsync_token_verifications_total", "").await >= total
+            && started.elapsed() >= Duration::from_secs(1)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
 }

@@ -140,8 +140,14 @@ def client(target, token, forbidden_tenant):
         stream = ch.unary_stream(f"/{SERVICE}/ServerStream")(b"1000", metadata=auth, timeout=10)
         next(stream)
         stream.cancel()
-        time.sleep(0.5)
-        out["stats"] = json.loads(ch.unary_unary(f"/{SERVICE}/Stats")(b"", metadata=auth, timeout=5))
+        # Ask until the server has seen both calls end (at most 10 s): how fast depends on the machine.
+        deadline = time.monotonic() + 10
+        while True:
+            out["stats"] = json.loads(ch.unary_unary(f"/{SERVICE}/Stats")(b"", metadata=auth, timeout=5))
+            seen = set(out["stats"]["cancelled"])
+            if {"slow", "server_stream"} <= seen or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     print(json.dumps(out), flush=True)
 
 
