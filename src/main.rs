@@ -14,29 +14,30 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Runs before any constructor, so before mimalloc's first arena (the ELF executable's preinit array:
 /// glibc runs it ahead of every `.init_array` entry, mimalloc's included).
+#[cfg(target_os = "linux")]
 #[used]
 #[unsafe(link_section = ".preinit_array")]
 static NO_TRANSPARENT_HUGE_PAGES: extern "C" fn() = no_transparent_huge_pages;
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    run().await
-}
-
 /// Opts this process out of transparent huge pages. mimalloc asks for huge pages on its arenas (and
 /// kernels set to THP `always` give them to any heap), so each region the heap touched became 2 MiB
 /// of resident memory, zeroed at once: measured, idle RSS went from 33.4 to 20.7 MiB with THP off and
-/// 100,000 identities from 134.6 to 112.2 MiB (BENCHMARKS.md), and the zeroing showed in the cold
+/// 100,000 identities from 134.6 to 111.8 MiB (BENCHMARKS.md), and the zeroing showed in the cold
 /// path's profile. The warm path measured no different (two A/B pairs, within the machine's noise).
+#[cfg(target_os = "linux")]
 extern "C" fn no_transparent_huge_pages() {
     // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and touches no memory of ours; it sets
-    // a flag on this process's address space, checked by the kernel at each page fault.
-    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
-    // Kernels without it (before 3.15) or sandboxes that refuse prctl only cost memory: go on.
-    let _ = rc;
+    // a flag on this process's address space, checked by the kernel at each page fault. A kernel
+    // without it (before 3.15) or a sandbox that refuses prctl only costs memory: the result is ignored.
+    let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
 }
 
-async fn run() -> ExitCode {
+#[tokio::main]
+async fn main() -> ExitCode {
+    // Again, for C libraries that skip preinit arrays (musl): the flag is idempotent and still covers
+    // every page the heap touches from here on.
+    #[cfg(target_os = "linux")]
+    no_transparent_huge_pages();
     let cli = Cli::parse();
     let db = &cli.db;
     let args = match cli.command {

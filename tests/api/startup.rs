@@ -107,10 +107,10 @@ async fn sigterm_lets_in_flight_requests_finish_and_exits_0() {
     }
     let pid = child.id().unwrap().to_string();
     // The running binary opted out of transparent huge pages (its idle RSS depends on it).
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     match status.lines().find_map(|l| l.strip_prefix("THP_enabled:")) {
         Some(v) => assert_eq!(v.trim(), "0", "transparent huge pages are off for idsync"),
-        None => eprintln!("this kernel does not report THP_enabled: not checked"),
+        None => eprintln!("no /proc/PID/status with THP_enabled here: not checked"),
     }
     assert!(
         std::process::Command::new("kill")
