@@ -84,6 +84,13 @@ pub struct ServeArgs {
     #[arg(long, env = "IDSYNC_DATABASE_MAX_CONNECTIONS", default_value = "10")]
     pub database_max_connections: String,
 
+    /// Prepared statements kept per PostgreSQL connection. A group commit's multi-row statements differ
+    /// with the batch size (1 to 64 rows per table), so the driver's default of 100 made PostgreSQL parse
+    /// and plan most batches again. Costs memory: about 14 MiB more RSS with 10 connections after a burst
+    /// of new identities. 0 prepares nothing (for poolers that cannot hold prepared statements).
+    #[arg(long, env = "IDSYNC_DATABASE_STATEMENT_CACHE", default_value = "512")]
+    pub database_statement_cache: String,
+
     /// How long a request waits for a database connection before answering 503.
     #[arg(long, env = "IDSYNC_DATABASE_TIMEOUT", default_value = "3s")]
     pub database_timeout: String,
@@ -361,6 +368,7 @@ pub struct Settings {
     pub cors: CorsPolicy,
     pub database_url: DatabaseUrl,
     pub database_max_connections: u32,
+    pub database_statement_cache: usize,
     pub database_timeout: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -553,6 +561,11 @@ impl ServeArgs {
             &self.database_max_connections,
             1..=10_000,
         );
+        let database_statement_cache = p.number(
+            "--database-statement-cache",
+            &self.database_statement_cache,
+            0..=100_000,
+        );
         let database_timeout = p.duration("--database-timeout", &self.database_timeout);
         let log_format = p.choice(
             "--log-format",
@@ -606,6 +619,7 @@ impl ServeArgs {
             cors,
             database_url: database_url?,
             database_max_connections: database_max_connections?,
+            database_statement_cache: database_statement_cache?,
             database_timeout: database_timeout?,
             log_format: log_format?,
             log_level: log_level?,

@@ -52,6 +52,8 @@ pub async fn connect_database(
             .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5))
     });
+    let statement_cache = settings.database_statement_cache;
+    opts.map_sqlx_postgres_opts(move |o| o.statement_cache_capacity(statement_cache));
     opts.max_connections(max)
         .min_connections(0)
         .connect_timeout(settings.database_timeout)

@@ -27,6 +27,7 @@ on_both_databases!(
     a_failure_mid_transaction_leaves_no_partial_rows,
     a_burst_of_first_requests_is_group_committed_and_one_failure_fails_alone,
     group_commit_shares_new_organizations_and_writes_each_event_once,
+    group_commit_works_without_prepared_statements,
 );
 
 async fn events(db: &DatabaseConnection) -> Vec<(String, Option<String>, Option<String>, Value)> {
@@ -1074,10 +1075,22 @@ async fn a_burst_of_first_requests_is_group_committed_and_one_failure_fails_alon
 /// The multi-row path itself: new users sharing new organizations, a user twice in the burst; every
 /// row and event exactly once, and no batch needing the one-by-one fallback.
 async fn group_commit_shares_new_organizations_and_writes_each_event_once(db: TestDb) {
+    group_commit_burst(db, "512").await;
+}
+
+/// The same burst with no prepared statement kept (`--database-statement-cache 0`, as a connection pooler
+/// that cannot hold them needs): every statement is prepared afresh and the outcome is the same.
+async fn group_commit_works_without_prepared_statements(db: TestDb) {
+    group_commit_burst(db, "0").await;
+}
+
+async fn group_commit_burst(db: TestDb, statement_cache: &str) {
     let t = app()
         .database(&db.url)
         .arg("--database-timeout")
         .arg("20s")
+        .arg("--database-statement-cache")
+        .arg(statement_cache)
         .start()
         .await;
     let verified = t.counter("idsync_token_verifications_total", "").await;
