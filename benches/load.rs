@@ -521,10 +521,23 @@ async fn batch_stats(pid: u32) -> String {
         value("idsync_sync_batch_size_sum"),
         value("idsync_sync_batch_size_count"),
     );
+    // Where a first request's latency goes: the sync (queue, batch, database round trips) as idsync
+    // times it, read from its histogram as the smallest bucket holding 99 % of syncs.
+    let syncs = value("idsync_sync_seconds_count");
+    let p99_bucket = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("idsync_sync_seconds_bucket{le=\"")?;
+            let (le, n) = rest.split_once("\"} ")?;
+            Some((le.parse::<f64>().ok()?, n.parse::<f64>().ok()?))
+        })
+        .find(|(_, n)| *n >= syncs * 0.99)
+        .map_or("-".to_owned(), |(le, _)| format!("{:.1}", le * 1000.0));
     format!(
-        "{sum:.0} syncs in {count:.0} transactions ({:.1} per transaction), {} fell back",
+        "{sum:.0} syncs in {count:.0} transactions ({:.1} per transaction), {} fell back; sync time: mean {:.2} ms, p99 <= {p99_bucket} ms (histogram bucket)",
         sum / count.max(1.0),
-        value("idsync_sync_batch_fallbacks_total")
+        value("idsync_sync_batch_fallbacks_total"),
+        value("idsync_sync_seconds_sum") * 1000.0 / syncs.max(1.0),
     )
 }
 
