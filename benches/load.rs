@@ -531,7 +531,7 @@ async fn batch_stats(pid: u32) -> String {
             let (le, n) = rest.split_once("\"} ")?;
             Some((le.parse::<f64>().ok()?, n.parse::<f64>().ok()?))
         })
-        .find(|(_, n)| *n >= syncs * 0.99)
+        .find(|(_, n)| syncs > 0.0 && *n >= syncs * 0.99)
         .map_or("-".to_owned(), |(le, _)| format!("{:.1}", le * 1000.0));
     format!(
         "{sum:.0} syncs in {count:.0} transactions ({:.1} per transaction), {} fell back; sync time: mean {:.2} ms, p99 <= {p99_bucket} ms (histogram bucket)",

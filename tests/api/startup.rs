@@ -12,6 +12,8 @@ fn bad_configuration_lists_every_problem_and_exits_2() {
             "http://idp.example.com,dialect=okta",
             "--leeway",
             "soon",
+            "--database-statement-cache",
+            "lots",
         ])
         .env_clear()
         .output()
@@ -24,6 +26,7 @@ fn bad_configuration_lists_every_problem_and_exits_2() {
         "must be https://",
         "dialect `okta`",
         "--leeway",
+        "--database-statement-cache: `lots` is not a number",
     ] {
         assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
     }

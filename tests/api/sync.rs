@@ -1075,24 +1075,22 @@ async fn a_burst_of_first_requests_is_group_committed_and_one_failure_fails_alon
 /// The multi-row path itself: new users sharing new organizations, a user twice in the burst; every
 /// row and event exactly once, and no batch needing the one-by-one fallback.
 async fn group_commit_shares_new_organizations_and_writes_each_event_once(db: TestDb) {
-    group_commit_burst(db, "512").await;
+    group_commit_burst(db, None).await;
 }
 
 /// The same burst with no prepared statement kept (`--database-statement-cache 0`, as a connection pooler
 /// that cannot hold them needs): every statement is prepared afresh and the outcome is the same.
 async fn group_commit_works_without_prepared_statements(db: TestDb) {
-    group_commit_burst(db, "0").await;
+    group_commit_burst(db, Some("0")).await;
 }
 
-async fn group_commit_burst(db: TestDb, statement_cache: &str) {
-    let t = app()
-        .database(&db.url)
-        .arg("--database-timeout")
-        .arg("20s")
-        .arg("--database-statement-cache")
-        .arg(statement_cache)
-        .start()
-        .await;
+/// `statement_cache`: `--database-statement-cache`, or the shipped default when `None`.
+async fn group_commit_burst(db: TestDb, statement_cache: Option<&str>) {
+    let mut t = app().database(&db.url).arg("--database-timeout").arg("20s");
+    if let Some(n) = statement_cache {
+        t = t.arg("--database-statement-cache").arg(n);
+    }
+    let t = t.start().await;
     let verified = t.counter("idsync_token_verifications_total", "").await;
     let hold = db.hold_writes().await;
     let mut tasks = Vec::new();
