@@ -52,8 +52,24 @@ pub async fn connect_database(
             .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5))
     });
+    // Group commit's statements take a batch's rows as arrays (`provision::bulk`), whose length a generic
+    // plan cannot know: PostgreSQL would then keep planning each execution afresh (a custom plan looks
+    // cheaper than one for a guessed 100 rows), costing more CPU than the statement itself. idsync's
+    // queries are all lookups by key, for which the generic plan is the custom plan. Not asked for with
+    // no statements kept: a statement prepared anew is planned anew anyway, and a pooler (the reason for
+    // 0) may refuse the startup parameter.
     let statement_cache = settings.database_statement_cache;
-    opts.map_sqlx_postgres_opts(move |o| o.statement_cache_capacity(statement_cache));
+    opts.map_sqlx_postgres_opts(move |o| {
+        let o = o.statement_cache_capacity(statement_cache);
+        if statement_cache > 0 {
+            o.options([
+                ("plan_cache_mode", "force_generic_plan"),
+                ("enable_seqscan", "off"),
+            ])
+        } else {
+            o
+        }
+    });
     opts.max_connections(max)
         .min_connections(0)
         .connect_timeout(settings.database_timeout)

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use entity::audit_events;
-use sea_orm::{ActiveValue::NotSet, ActiveValue::Set, ConnectionTrait, DbErr, EntityTrait};
+use sea_orm::{ActiveValue::NotSet, ActiveValue::Set, ConnectionTrait, DbErr};
 use serde_json::Value;
 
 /// Who sync writes audit events as.
@@ -92,8 +92,5 @@ pub async fn record(db: &impl ConnectionTrait, events: Vec<Event<'_>>) -> Result
     if events.is_empty() {
         return Ok(());
     }
-    audit_events::Entity::insert_many(events.into_iter().map(Event::into_model))
-        .exec(db)
-        .await
-        .map(|_| ())
+    super::bulk::insert(db, events.into_iter().map(Event::into_model).collect()).await
 }

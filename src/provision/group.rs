@@ -10,6 +10,7 @@
 //! or inactive) makes this return `Err`: the caller rolls back and runs each request on its own.
 
 use super::audit::{ACTOR, AuditKind, Event};
+use super::bulk;
 use super::naming;
 use super::schemas;
 use super::store::{
@@ -17,8 +18,8 @@ use super::store::{
     membership_row, profile_changes, user_conflict, user_row,
 };
 use entity::{memberships, organizations, users};
-use sea_orm::sea_query::{Condition, ExprTrait, OnConflict};
-use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter};
+use sea_orm::sea_query::OnConflict;
+use sea_orm::{ActiveValue::Set, ConnectionTrait, DbErr};
 use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
 
@@ -47,51 +48,33 @@ pub(super) async fn sync_many<'r>(
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
-    let users_before: HashMap<String, users::Model> = if user_ids.is_empty() {
-        HashMap::new()
-    } else {
-        users::Entity::find()
-            .filter(users::Column::Id.is_in(user_ids.iter().copied()))
-            .all(txn)
+    let users_before: HashMap<String, users::Model> =
+        bulk::find_in::<users::Entity, _>(txn, users::Column::Id, &user_ids)
             .await?
             .into_iter()
             .map(|u| (u.id.clone(), u))
-            .collect()
-    };
-    let mut orgs: HashMap<String, organizations::Model> = if org_ids.is_empty() {
-        HashMap::new()
-    } else {
-        organizations::Entity::find()
-            .filter(organizations::Column::Id.is_in(org_ids.iter().copied()))
-            .all(txn)
+            .collect();
+    let mut orgs: HashMap<String, organizations::Model> =
+        bulk::find_in::<organizations::Entity, _>(txn, organizations::Column::Id, &org_ids)
             .await?
             .into_iter()
             .map(|o| (o.id.clone(), o))
-            .collect()
-    };
+            .collect();
     let pairs: Vec<(&str, &str)> = reqs
         .iter()
         .filter_map(|r| subject(r).zip(tenant(r)))
         .collect();
-    let members_before: HashMap<(String, String), memberships::Model> = if pairs.is_empty() {
-        HashMap::new()
-    } else {
-        let mut any = Condition::any();
-        for (u, o) in &pairs {
-            any = any.add(
-                memberships::Column::UserId
-                    .eq(*u)
-                    .and(memberships::Column::OrganizationId.eq(*o)),
-            );
-        }
-        memberships::Entity::find()
-            .filter(any)
-            .all(txn)
+    // By user only, then the pairs kept: a user has few memberships, and the lookup can only use an index
+    // led by `user_id` (a plan for both columns may pick the organization's index, thousands of rows).
+    let pair_set: HashSet<(&str, &str)> = pairs.iter().copied().collect();
+    let pair_users: Vec<&str> = pairs.iter().map(|p| p.0).collect();
+    let members_before: HashMap<(String, String), memberships::Model> =
+        bulk::find_in::<memberships::Entity, _>(txn, memberships::Column::UserId, &pair_users)
             .await?
             .into_iter()
+            .filter(|m| pair_set.contains(&(m.user_id.as_str(), m.organization_id.as_str())))
             .map(|m| ((m.user_id.clone(), m.organization_id.clone()), m))
-            .collect()
-    };
+            .collect();
 
     // Refusals before any write, as `sync_in` makes them.
     let mut answers: Vec<Option<Answer<'r>>> = (0..reqs.len()).map(|_| None).collect();
@@ -179,15 +162,9 @@ pub(super) async fn sync_many<'r>(
                 updated_at: Set(r.now),
             });
         }
-        let created = match organizations::Entity::insert_many(rows)
-            .on_conflict(OnConflict::new().do_nothing().to_owned())
-            .exec_with_returning(txn)
-            .await
-        {
-            Ok(rows) => rows,
-            Err(DbErr::RecordNotInserted | DbErr::RecordNotFound(_)) => Vec::new(),
-            Err(e) => return Err(e.into()),
-        };
+        let created =
+            bulk::insert_returning(txn, rows, Some(OnConflict::new().do_nothing().to_owned()))
+                .await?;
         for org in created {
             let i = creators[org.id.as_str()];
             if let Some(schema) = &org.schema_name {
@@ -208,10 +185,9 @@ pub(super) async fn sync_many<'r>(
             .filter(|id| !orgs.contains_key(*id))
             .collect();
         if !missing.is_empty() {
-            for o in organizations::Entity::find()
-                .filter(organizations::Column::Id.is_in(missing.iter().copied()))
-                .all(txn)
-                .await?
+            for o in
+                bulk::find_in::<organizations::Entity, _>(txn, organizations::Column::Id, &missing)
+                    .await?
             {
                 orgs.insert(o.id.clone(), o);
             }
@@ -253,10 +229,8 @@ pub(super) async fn sync_many<'r>(
                 r.now,
             )
         });
-        for u in users::Entity::insert_many(rows)
-            .on_conflict(user_conflict(profile, roles))
-            .exec_with_returning(txn)
-            .await?
+        for u in
+            bulk::insert_returning(txn, rows.collect(), Some(user_conflict(profile, roles))).await?
         {
             after_users.insert(u.id.clone(), u);
         }
@@ -317,11 +291,7 @@ pub(super) async fn sync_many<'r>(
                 })
             })
             .collect();
-        for m in memberships::Entity::insert_many(rows)
-            .on_conflict(membership_conflict(speaks))
-            .exec_with_returning(txn)
-            .await?
-        {
+        for m in bulk::insert_returning(txn, rows, Some(membership_conflict(speaks))).await? {
             after_members.insert((m.user_id.clone(), m.organization_id.clone()), m);
         }
     }

@@ -5,6 +5,7 @@
 
 pub mod audit;
 mod batch;
+mod bulk;
 pub mod cache;
 mod group;
 mod last_seen;

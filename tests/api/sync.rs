@@ -1176,3 +1176,58 @@ async fn wait_until_verified(t: &TestApp, total: f64) {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
 }
+
+/// idsync's PostgreSQL sessions plan each statement once and never as a sequential scan: group commit
+/// sends a batch's rows as arrays, whose length only a custom plan knows, so PostgreSQL would otherwise
+/// plan every execution afresh, or keep a plan made while the tables were empty. With no statements kept
+/// (`--database-statement-cache 0`, for a pooler, which may refuse the startup parameter) the sessions
+/// are left as the server configures them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_sessions_plan_once_and_by_key() {
+    use clap::Parser;
+    let Some(db) = TestDb::postgres().await else {
+        eprintln!("IDSYNC_TEST_POSTGRES_URL is not set: not run");
+        return;
+    };
+    for (cache, mode, seqscan) in [
+        (None, "force_generic_plan", "off"),
+        (Some("0"), "auto", "on"),
+    ] {
+        let mut argv = vec![
+            "idsync",
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--issuer",
+            "https://sso.example.com/realms/acme",
+            "--database-url",
+            &db.url,
+        ];
+        if let Some(n) = cache {
+            argv.extend(["--database-statement-cache", n]);
+        }
+        let settings = idsync::cli::Cli::try_parse_from(argv)
+            .unwrap()
+            .serve_settings()
+            .unwrap();
+        let conn = idsync::startup::connect_database(&settings, false)
+            .await
+            .unwrap();
+        let show = |name: &'static str| {
+            let conn = conn.clone();
+            async move {
+                conn.query_one_raw(sea_orm::Statement::from_string(
+                    sea_orm::DatabaseBackend::Postgres,
+                    format!("SHOW {name}"),
+                ))
+                .await
+                .unwrap()
+                .unwrap()
+                .try_get_by_index::<String>(0)
+                .unwrap()
+            }
+        };
+        assert_eq!(show("plan_cache_mode").await, mode, "cache {cache:?}");
+        assert_eq!(show("enable_seqscan").await, seqscan, "cache {cache:?}");
+        conn.close().await.unwrap();
+    }
+}
