@@ -21,7 +21,7 @@ use entity::{memberships, organizations, users};
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{ActiveValue::Set, ConnectionTrait, DbErr};
 use serde_json::{Value, json};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Per request: its outcome and events, or its refusal (decided before anything of its own was written).
 pub(super) type Answer<'r> = Result<(SyncOutcome, Vec<Event<'r>>), StoreError>;
@@ -128,8 +128,10 @@ pub(super) async fn sync_many<'r>(
         at: r.now,
     };
 
-    // Organizations no one has yet: one insert, the first request naming each one creating it.
-    let mut creators: HashMap<&str, usize> = HashMap::new();
+    // Organizations no one has yet: one insert, the first request naming each one creating it. Every
+    // write takes its rows in key order, so batches written at the same time that share rows wait for
+    // each other in one order and never deadlock.
+    let mut creators: BTreeMap<&str, usize> = BTreeMap::new();
     for i in live(&answers) {
         if let Some(t) = reqs[i].tenant
             && !orgs.contains_key(&t.id)
@@ -206,7 +208,7 @@ pub(super) async fn sync_many<'r>(
 
     // Users: one upsert per kind of update (usually one).
     let mut after_users: HashMap<String, users::Model> = HashMap::new();
-    let mut groups: HashMap<(bool, bool), Vec<usize>> = HashMap::new();
+    let mut groups: BTreeMap<(bool, bool), Vec<usize>> = BTreeMap::new();
     for i in live(&answers) {
         let r = &reqs[i];
         let Some(id) = subject(r) else { continue };
@@ -220,7 +222,8 @@ pub(super) async fn sync_many<'r>(
             .or_default()
             .push(i);
     }
-    for ((profile, roles), members) in groups {
+    for ((profile, roles), mut members) in groups {
+        members.sort_by_key(|&i| subject(&reqs[i]));
         let rows = members.iter().map(|&i| {
             let r = &reqs[i];
             user_row(
@@ -263,7 +266,7 @@ pub(super) async fn sync_many<'r>(
 
     // Memberships: one upsert per kind (the token speaks for the tenant or not).
     let mut roles: Vec<Option<String>> = vec![None; reqs.len()];
-    let mut kinds: HashMap<bool, Vec<usize>> = HashMap::new();
+    let mut kinds: BTreeMap<bool, Vec<usize>> = BTreeMap::new();
     for i in live(&answers) {
         let r = &reqs[i];
         let (Some(user), Some(org), Some(plan)) = (subject(r), tenant(r), r.role) else {
@@ -276,7 +279,8 @@ pub(super) async fn sync_many<'r>(
         kinds.entry(plan.from_idp.is_some()).or_default().push(i);
     }
     let mut after_members: HashMap<(String, String), memberships::Model> = HashMap::new();
-    for (speaks, members) in kinds {
+    for (speaks, mut members) in kinds {
+        members.sort_by_key(|&i| (subject(&reqs[i]), tenant(&reqs[i])));
         let rows: Vec<memberships::ActiveModel> = members
             .iter()
             .map(|&i| {

@@ -7,7 +7,7 @@ use devkit::{LocalIssuer, SigningAlg};
 use entity::{audit_events, memberships, organizations, users};
 use sea_orm::{
     ActiveModelTrait, ConnectionTrait, DatabaseConnection, EntityTrait, IntoActiveModel,
-    PaginatorTrait, QueryOrder, Set,
+    PaginatorTrait, QueryOrder, Set, TransactionTrait,
 };
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -28,6 +28,7 @@ on_both_databases!(
     a_burst_of_first_requests_is_group_committed_and_one_failure_fails_alone,
     group_commit_shares_new_organizations_and_writes_each_event_once,
     group_commit_works_without_prepared_statements,
+    concurrent_batches_naming_the_same_new_organizations_never_deadlock,
 );
 
 async fn events(db: &DatabaseConnection) -> Vec<(String, Option<String>, Option<String>, Value)> {
@@ -1158,6 +1159,119 @@ async fn group_commit_burst(db: TestDb, statement_cache: Option<&str>) {
     if crate::helpers::metrics_isolated() {
         // Held writers (one on SQLite, eight on PostgreSQL) each took one job; the rest shared.
         assert!(batches <= 12.0, "{sum} syncs in {batches} batches");
+    }
+}
+
+/// Batches written at the same time that name the same new organizations take their row locks in one
+/// order (by id), so they never deadlock. They did: each batch inserted its new organizations in hash
+/// order, two concurrent batches could each hold a row the other wanted, and PostgreSQL broke the cycle
+/// only after `deadlock_timeout` (a second), then the batch fell back to one transaction per request.
+/// Here writes are held while the burst queues (each of the eight writers holding one request); on
+/// PostgreSQL another transaction also holds one of the new organizations' ids, so once writes resume the
+/// writers take the queue in four batches of 64, each inserts the organizations before that id in its
+/// order and waits; then that id is released and they all go on at once.
+async fn concurrent_batches_naming_the_same_new_organizations_never_deadlock(db: TestDb) {
+    let t = app()
+        .database(&db.url)
+        .arg("--database-timeout")
+        .arg("30s")
+        .start()
+        .await;
+    let (total, teams) = (264, 48);
+    let org_hold = if db.is_postgres {
+        let holder = db.connect().await;
+        let hold = holder.begin().await.unwrap();
+        let now = chrono::Utc::now();
+        organizations::ActiveModel {
+            id: Set("team-15".into()),
+            issuer: Set("https://held.example.com".into()),
+            name: Set("Held".into()),
+            slug: Set("held".into()),
+            is_active: Set(true),
+            metadata: Set(None),
+            schema_name: Set(None),
+            lifecycle_at: Set(None),
+            deactivated_by: Set(None),
+            origin: Set("idp".into()),
+            created_at: Set(now),
+            updated_at: Set(now),
+        }
+        .insert(&hold)
+        .await
+        .unwrap();
+        Some((holder, hold))
+    } else {
+        None
+    };
+    let verified = t.counter("idsync_token_verifications_total", "").await;
+    let write_hold = db.hold_writes().await;
+    let mut tasks = Vec::new();
+    for i in 0..total {
+        let mut c = keycloak_claims(&t, &format!("user-{i}"));
+        let team = (i * 7) % teams;
+        c["organization"] = json!({format!("Team {team}"): {"id": format!("team-{team}")}});
+        let token = t.issuer.mint(c);
+        let (http, url) = (t.http.clone(), t.url("/"));
+        tasks.push(tokio::spawn(async move {
+            http.get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    wait_until_verified(&t, verified + total as f64).await;
+    write_hold.release().await;
+    if let Some((holder, hold)) = org_hold {
+        // Until the batches wait on the held id (or 10 s).
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            let waiting = holder
+                .query_one_raw(sea_orm::Statement::from_string(
+                    sea_orm::DatabaseBackend::Postgres,
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                ))
+                .await
+                .unwrap()
+                .unwrap()
+                .try_get_by_index::<i64>(0)
+                .unwrap();
+            if waiting >= 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        hold.rollback().await.unwrap();
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 200);
+    }
+    let conn = db.connect().await;
+    assert_eq!(
+        (
+            count::<users::Entity>(&conn).await,
+            count::<organizations::Entity>(&conn).await,
+            count::<memberships::Entity>(&conn).await
+        ),
+        (total as u64, teams as u64, total as u64)
+    );
+    let evs = events(&conn).await;
+    let created = kinds(&evs)
+        .iter()
+        .filter(|k| **k == "organization_created")
+        .count();
+    assert_eq!(created, teams, "each organization created once");
+    if crate::helpers::metrics_isolated() {
+        assert_eq!(
+            t.counter("idsync_sync_batch_fallbacks_total", "").await,
+            0.0,
+            "no batch fell back (a deadlock makes one fall back); {} syncs in {} batches",
+            t.counter("idsync_sync_batch_size_sum", "").await,
+            t.counter("idsync_sync_batch_size_count", "").await,
+        );
     }
 }
 
