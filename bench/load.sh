@@ -4,7 +4,7 @@
 # (bounded: --duration seconds per run, loopback only). PostgreSQL runs happen when
 # IDSYNC_BENCH_POSTGRES_URL is set, e.g. 'postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable'
 # (without sslmode=disable the client negotiates TLS on loopback, which the figures do not include).
-# Usage: bench/load.sh [--only peers,nocache,cold,memory] [--duration 8] [--rounds 3] [--connections 64]
+# Usage: bench/load.sh [--only peers,nocache,cold,paced,memory] [--duration 8] [--rounds 3] [--connections 64]
 #                      [--users 2000] [--tenants 50] [--cold-tokens 60000] [--cold-rate 1000]
 #                      [--memory-users 100000] [--proxy-core 0] [--client-core 1]
 set -euo pipefail

@@ -393,6 +393,16 @@ async fn fresh_postgres(admin_url: &str) -> String {
     u.to_string()
 }
 
+/// Writes back the server's dirty pages now (`CHECKPOINT`, which needs a superuser or `pg_checkpoint`;
+/// without either the run goes on as it is).
+async fn settle_postgres(admin_url: &str) {
+    use sea_orm::ConnectionTrait;
+    let conn = sea_orm::Database::connect(admin_url).await.unwrap();
+    if let Err(e) = conn.execute_unprepared("CHECKPOINT").await {
+        println!("   note: no checkpoint before the fixed-rate run ({e})");
+    }
+}
+
 /// Fills `{{KEY}}` placeholders of a config from `bench/peers/` and writes it into `dir`.
 fn render(name: &str, dir: &Path, vars: &[(&str, String)]) -> PathBuf {
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -811,50 +821,59 @@ async fn main() {
     }
 
     let mut cold: Vec<(String, Run)> = Vec::new();
-    if on("cold") {
+    // `paced` alone: only the fixed-rate run on PostgreSQL (the cold p99 target), for quick A/B pairs.
+    let paced_only = on("paced") && !on("cold");
+    if on("cold") || on("paced") {
         let mut databases: Vec<(&str, String)> = Vec::new();
         if let Some(pg) = &o.postgres {
             databases.push(("PostgreSQL", fresh_postgres(pg).await));
         }
-        databases.push((
-            "SQLite",
-            format!("sqlite://{}/cold.db?mode=rwc", dir.path().display()),
-        ));
+        if !paced_only {
+            databases.push((
+                "SQLite",
+                format!("sqlite://{}/cold.db?mode=rwc", dir.path().display()),
+            ));
+        }
         for (label, db) in &databases {
-            println!("cold path on {label}: minting {} tokens...", o.cold_tokens);
-            let tokens = mint(
-                &issuer,
-                &rs_kid,
-                &format!("cold-{label}"),
-                o.cold_tokens,
-                o.tenants,
-            );
-            let file = dir.path().join(format!("cold-{label}"));
-            write_lines(&file, &tokens);
-            let (p, url) = start_idsync(None, &app_url, &idsync_issuer, db, &[]).await;
-            println!("cold path on {label}: as fast as possible");
-            let run = wrk(
-                &format!("idsync cold, new identities ({label})"),
-                &url,
-                &file,
-                &o,
-                Some(p.0.id()),
-                &scripts,
-                None,
-                None,
-            );
-            if run.rps * o.duration as f64 > o.cold_tokens as f64 {
-                println!(
-                    "   note: more requests than tokens; the tail of this run reused identities"
+            if !paced_only {
+                println!("cold path on {label}: minting {} tokens...", o.cold_tokens);
+                let tokens = mint(
+                    &issuer,
+                    &rs_kid,
+                    &format!("cold-{label}"),
+                    o.cold_tokens,
+                    o.tenants,
                 );
+                let file = dir.path().join(format!("cold-{label}"));
+                write_lines(&file, &tokens);
+                let (p, url) = start_idsync(None, &app_url, &idsync_issuer, db, &[]).await;
+                println!("cold path on {label}: as fast as possible");
+                let run = wrk(
+                    &format!("idsync cold, new identities ({label})"),
+                    &url,
+                    &file,
+                    &o,
+                    Some(p.0.id()),
+                    &scripts,
+                    None,
+                    None,
+                );
+                if run.rps * o.duration as f64 > o.cold_tokens as f64 {
+                    println!(
+                        "   note: more requests than tokens; the tail of this run reused identities"
+                    );
+                }
+                println!("   {}", batch_stats(p.0.id()).await);
+                cold.push((label.to_string(), run.clone()));
+                runs.push(run);
             }
-            println!("   {}", batch_stats(p.0.id()).await);
-            cold.push((label.to_string(), run.clone()));
-            runs.push(run);
             if *label == "PostgreSQL" {
                 // The fixed rate on a database and an idsync of its own, as a quiet service meets it.
-                drop(p);
-                let db = fresh_postgres(o.postgres.as_ref().expect("PostgreSQL runs")).await;
+                let admin = o.postgres.as_ref().expect("PostgreSQL runs");
+                // The runs before left the server writing back their dirty pages, which stalls commits
+                // for tens of milliseconds: a checkpoint first, so this run meets a server at rest.
+                settle_postgres(admin).await;
+                let db = fresh_postgres(admin).await;
                 let (p, url) = start_idsync(None, &app_url, &idsync_issuer, &db, &[]).await;
                 let paced = (o.cold_rate * o.duration as f64 * 1.2) as usize;
                 let tokens = mint(&issuer, &rs_kid, "paced", paced, o.tenants);
