@@ -388,9 +388,32 @@ async fn fresh_postgres(admin_url: &str) -> String {
     conn.execute_unprepared(&format!("CREATE DATABASE {name}"))
         .await
         .unwrap();
+    CREATED
+        .lock()
+        .unwrap()
+        .push((admin_url.to_owned(), name.clone()));
     let mut u = url::Url::parse(admin_url).unwrap();
     u.set_path(&format!("/{name}"));
     u.to_string()
+}
+
+/// The databases this run created, dropped at its end (a user's server keeps none of them).
+static CREATED: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+async fn drop_created_databases() {
+    use sea_orm::ConnectionTrait;
+    let created = std::mem::take(&mut *CREATED.lock().unwrap());
+    for (admin, name) in created {
+        let Ok(conn) = sea_orm::Database::connect(&admin).await else {
+            continue;
+        };
+        if let Err(e) = conn
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+        {
+            println!("   note: {name} was left on the server ({e})");
+        }
+    }
 }
 
 /// Writes back the server's dirty pages now (`CHECKPOINT`, which needs a superuser or `pg_checkpoint`;
@@ -1070,6 +1093,7 @@ async fn main() {
             verdict(idle <= 24.0)
         );
     }
+    drop_created_databases().await;
 }
 
 fn print_table(title: &str, runs: &[Run], base: Option<f64>, base_label: &str) {
