@@ -46,6 +46,29 @@ fn kinds(evs: &[(String, Option<String>, Option<String>, Value)]) -> Vec<&str> {
     evs.iter().map(|e| e.0.as_str()).collect()
 }
 
+/// An active organization row of `issuer` (another IdP's, or one a test holds), written directly.
+fn foreign_org(
+    id: &str,
+    issuer: &str,
+    slug: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> organizations::ActiveModel {
+    organizations::ActiveModel {
+        id: Set(id.into()),
+        issuer: Set(issuer.into()),
+        name: Set(slug.to_uppercase()),
+        slug: Set(slug.into()),
+        is_active: Set(true),
+        metadata: Set(None),
+        schema_name: Set(None),
+        lifecycle_at: Set(None),
+        deactivated_by: Set(None),
+        origin: Set("idp".into()),
+        created_at: Set(now),
+        updated_at: Set(now),
+    }
+}
+
 async fn count<E: EntityTrait>(db: &DatabaseConnection) -> u64
 where
     E::Model: Sync,
@@ -736,23 +759,10 @@ async fn an_id_owned_by_another_issuer_is_never_merged(db: TestDb) {
     );
 
     // The same holds for a tenant id.
-    organizations::ActiveModel {
-        id: Set("foreign-org".into()),
-        issuer: Set("https://other-idp.example.com".into()),
-        name: Set("F".into()),
-        slug: Set("f".into()),
-        is_active: Set(true),
-        metadata: Set(None),
-        schema_name: Set(None),
-        lifecycle_at: Set(None),
-        deactivated_by: Set(None),
-        origin: Set("idp".into()),
-        created_at: Set(now),
-        updated_at: Set(now),
-    }
-    .insert(&conn)
-    .await
-    .unwrap();
+    foreign_org("foreign-org", "https://other-idp.example.com", "f", now)
+        .insert(&conn)
+        .await
+        .unwrap();
     let mut claims = keycloak_claims(&t, "someone");
     claims["organization"] = json!(["foreign-org"]);
     assert_error(
@@ -1181,21 +1191,12 @@ async fn concurrent_batches_naming_the_same_new_organizations_never_deadlock(db:
     let org_hold = if db.is_postgres {
         let holder = db.connect().await;
         let hold = holder.begin().await.unwrap();
-        let now = chrono::Utc::now();
-        organizations::ActiveModel {
-            id: Set("team-15".into()),
-            issuer: Set("https://held.example.com".into()),
-            name: Set("Held".into()),
-            slug: Set("held".into()),
-            is_active: Set(true),
-            metadata: Set(None),
-            schema_name: Set(None),
-            lifecycle_at: Set(None),
-            deactivated_by: Set(None),
-            origin: Set("idp".into()),
-            created_at: Set(now),
-            updated_at: Set(now),
-        }
+        foreign_org(
+            "team-15",
+            "https://held.example.com",
+            "held",
+            chrono::Utc::now(),
+        )
         .insert(&hold)
         .await
         .unwrap();
