@@ -8,7 +8,8 @@
 //!   gives each one's median, so a noisy moment hits every peer alike.
 //! - **nocache**: idsync verifying RS256 on every request (token cache off).
 //! - **cold**: every request a new identity, on PostgreSQL and SQLite, as fast as possible and at a fixed
-//!   rate (`--cold-rate`), on the whole machine (the database is part of the path).
+//!   rate (`--cold-rate`), on the whole machine (the database is part of the path). **paced**: only the
+//!   fixed-rate PostgreSQL run, for quick A/B pairs.
 //! - **memory**: `--memory-users` distinct identities through one idsync: idle and full RSS.
 //!
 //! Prints one table, the CPU model and date, and every target of issue 14 as met or MISSED. Peer configs
