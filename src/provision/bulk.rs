@@ -222,7 +222,7 @@ fn as_text(v: Value) -> Result<Option<String>, DbErr> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use chrono::{DateTime, TimeZone, Utc};
     use entity::{audit_events, users};
@@ -295,7 +295,9 @@ mod tests {
         assert!(unnest_insert(&[event(0, now), odd], None, false).is_err());
     }
 
-    async fn databases() -> Vec<(
+    /// SQLite, and a fresh PostgreSQL database when `IDSYNC_TEST_POSTGRES_URL` is set (with the admin URL
+    /// and its name, to drop it), both migrated.
+    pub(in crate::provision) async fn databases() -> Vec<(
         DatabaseConnection,
         Option<(String, String)>,
         tempfile::TempDir,

@@ -206,9 +206,11 @@ pub(super) async fn sync_many<'r>(
         }
     }
 
-    // Users: one upsert per kind of update (usually one).
+    // Users: in key order, one upsert per run of the same kind of update (usually one in all). Runs,
+    // not one statement per kind: two batches holding the same users under different kinds would
+    // otherwise each lock one first.
     let mut after_users: HashMap<String, users::Model> = HashMap::new();
-    let mut groups: BTreeMap<(bool, bool), Vec<usize>> = BTreeMap::new();
+    let mut writes: Vec<(usize, (bool, bool))> = Vec::new();
     for i in live(&answers) {
         let r = &reqs[i];
         let Some(id) = subject(r) else { continue };
@@ -217,20 +219,14 @@ pub(super) async fn sync_many<'r>(
             (Some(u), Some(iat)) => u.lifecycle_at.is_some_and(|l| iat < l),
             _ => false,
         };
-        groups
-            .entry((!older, !r.identity.roles.is_empty()))
-            .or_default()
-            .push(i);
+        writes.push((i, (!older, !r.identity.roles.is_empty())));
     }
-    for ((profile, roles), mut members) in groups {
-        members.sort_by_key(|&i| subject(&reqs[i]));
-        let rows = members.iter().map(|&i| {
+    writes.sort_by_key(|&(i, _)| subject(&reqs[i]));
+    for run in writes.chunk_by(|a, b| a.1 == b.1) {
+        let (profile, roles) = run[0].1;
+        let rows = run.iter().map(|&(i, _)| {
             let r = &reqs[i];
-            user_row(
-                subject(r).expect("grouped users have one"),
-                r.identity,
-                r.now,
-            )
+            user_row(subject(r).expect("user writes have one"), r.identity, r.now)
         });
         for u in
             bulk::insert_returning(txn, rows.collect(), Some(user_conflict(profile, roles))).await?
@@ -264,9 +260,10 @@ pub(super) async fn sync_many<'r>(
         }
     }
 
-    // Memberships: one upsert per kind (the token speaks for the tenant or not).
+    // Memberships: in key order, one upsert per run of the same kind (the token speaks for the tenant
+    // or not).
     let mut roles: Vec<Option<String>> = vec![None; reqs.len()];
-    let mut kinds: BTreeMap<bool, Vec<usize>> = BTreeMap::new();
+    let mut writes: Vec<(usize, bool)> = Vec::new();
     for i in live(&answers) {
         let r = &reqs[i];
         let (Some(user), Some(org), Some(plan)) = (subject(r), tenant(r), r.role) else {
@@ -276,19 +273,20 @@ pub(super) async fn sync_many<'r>(
             .get(&(user.to_owned(), org.to_owned()))
             .map(super::stored_membership);
         roles[i] = Some(plan.resolve(stored.as_ref()).to_owned());
-        kinds.entry(plan.from_idp.is_some()).or_default().push(i);
+        writes.push((i, plan.from_idp.is_some()));
     }
+    writes.sort_by_key(|&(i, _)| (subject(&reqs[i]), tenant(&reqs[i])));
     let mut after_members: HashMap<(String, String), memberships::Model> = HashMap::new();
-    for (speaks, mut members) in kinds {
-        members.sort_by_key(|&i| (subject(&reqs[i]), tenant(&reqs[i])));
-        let rows: Vec<memberships::ActiveModel> = members
+    for run in writes.chunk_by(|a, b| a.1 == b.1) {
+        let speaks = run[0].1;
+        let rows: Vec<memberships::ActiveModel> = run
             .iter()
-            .map(|&i| {
+            .map(|&(i, _)| {
                 let r = &reqs[i];
                 membership_row(&MembershipWrite {
-                    user_id: subject(r).expect("kinds have users"),
-                    org_id: tenant(r).expect("kinds have tenants"),
-                    role: roles[i].as_deref().expect("kinds have roles"),
+                    user_id: subject(r).expect("membership writes have users"),
+                    org_id: tenant(r).expect("membership writes have tenants"),
+                    role: roles[i].as_deref().expect("membership writes have roles"),
                     idp_roles: speaks.then_some(r.identity.roles.as_slice()),
                     origin: r.origin,
                     now: r.now,
@@ -351,4 +349,115 @@ pub(super) async fn sync_many<'r>(
         .into_iter()
         .map(|a| a.expect("every request answered"))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{ClaimPath, Dialect, MappingRules, Origin, map_claims};
+    use chrono::DurationRound;
+    use sea_orm::{Database, Statement, TransactionTrait};
+    use std::time::Duration;
+
+    fn identity(sub: &str, roles: &[&str]) -> crate::identity::Identity {
+        let rules = MappingRules {
+            dialect: Dialect::Generic,
+            tenant_claim: ClaimPath::new("tenant_id").unwrap(),
+            roles_claim: ClaimPath::new("roles").unwrap(),
+            id_prefix: None,
+        };
+        let claims = json!({"sub": sub, "email": format!("{sub}@example.com"), "roles": roles});
+        map_claims(
+            "https://idp.example.com",
+            claims.as_object().unwrap(),
+            &rules,
+        )
+        .unwrap()
+    }
+
+    fn request(identity: &crate::identity::Identity) -> SyncRequest<'_> {
+        SyncRequest {
+            identity,
+            tenant: None,
+            role: None,
+            origin: Origin::Idp,
+            tenant_schema: None,
+            now: chrono::Utc::now()
+                .duration_trunc(chrono::TimeDelta::microseconds(1))
+                .unwrap(),
+            issued_at: None,
+        }
+    }
+
+    async fn write(
+        db: &sea_orm::DatabaseConnection,
+        reqs: &[SyncRequest<'_>],
+    ) -> Result<(), StoreError> {
+        let txn = db.begin().await?;
+        for answer in sync_many(&txn, reqs).await? {
+            answer?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Two batches that hold the same users under different kinds of update (one token with roles, one
+    /// without) lock them in one order. They did not: each kind was its own statement, in kind order, so
+    /// batch A locked `u2` (its no-roles kind) while B locked `u1`, and each then waited for the other
+    /// until PostgreSQL's deadlock detector failed one. Here a third transaction holds both rows while the
+    /// two batches queue on them, then lets go. (PostgreSQL only: SQLite has one writer.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batches_holding_the_same_users_under_different_kinds_never_deadlock() {
+        let Some((db, Some((admin, name)), _dir)) = bulk::tests::databases().await.pop() else {
+            eprintln!("IDSYNC_TEST_POSTGRES_URL is not set: not run");
+            return;
+        };
+        let (u1_roles, u2_plain) = (identity("u1", &["admin"]), identity("u2", &[]));
+        let (u1_plain, u2_roles) = (identity("u1", &[]), identity("u2", &["admin"]));
+        write(&db, &[request(&u1_plain), request(&u2_plain)])
+            .await
+            .unwrap();
+
+        let holder = db.begin().await.unwrap();
+        holder
+            .execute_unprepared("SELECT id FROM users WHERE id IN ('u1', 'u2') FOR UPDATE")
+            .await
+            .unwrap();
+        let a = [request(&u1_roles), request(&u2_plain)];
+        let b = [request(&u1_plain), request(&u2_roles)];
+        let release = async {
+            // Until both batches wait on the held rows (or 10 s).
+            let started = std::time::Instant::now();
+            let mut most = 0;
+            while started.elapsed() < Duration::from_secs(10) {
+                let waiting = db
+                    .query_one_raw(Statement::from_string(
+                        sea_orm::DatabaseBackend::Postgres,
+                        "SELECT count(*) FROM pg_stat_activity \
+                         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    ))
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .try_get_by_index::<i64>(0)
+                    .unwrap();
+                most = most.max(waiting);
+                if waiting >= 2 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            holder.rollback().await.unwrap();
+            most
+        };
+        let (ra, rb, most) = tokio::join!(write(&db, &a), write(&db, &b), release);
+        assert_eq!(most, 2, "both batches waited on the held rows");
+        assert!(ra.is_ok() && rb.is_ok(), "{ra:?} / {rb:?}");
+
+        db.close().await.unwrap();
+        let conn = Database::connect(&admin).await.unwrap();
+        conn.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+            .unwrap();
+    }
 }
