@@ -294,12 +294,13 @@ impl Provisioner {
         self.synced.enabled()
     }
 
-    /// Changes whenever something synced may have been invalidated.
     /// Entries and estimated bytes of the synced-identity cache, for the `idsync_cache_*` gauges.
     pub fn cache_stats(&self) -> (u64, u64) {
         (self.synced.len() as u64, self.synced.weight())
     }
 
+    /// Changes whenever something synced may have been invalidated: what a caller remembers from a sync
+    /// made after reading epoch E is current while the epoch is still E.
     pub fn epoch(&self) -> u64 {
         self.epoch.load(std::sync::atomic::Ordering::Acquire)
     }
@@ -533,15 +534,14 @@ impl Provisioner {
 
     /// Forgets everything synced (after change notices may have been missed).
     pub fn invalidate_all(&self) {
-        self.next_epoch();
         self.synced.clear();
         self.members.clear();
+        self.next_epoch();
     }
 
     /// Forgets what was synced for an affected user, organization or membership, so the next request
     /// reads the database again (and meets, say, a deactivation at once).
     pub fn invalidate(&self, affected: &Affected) {
-        self.next_epoch();
         let a = affected;
         self.synced.retain(|_, v| {
             let p = &v.provisioned;
@@ -551,6 +551,9 @@ impl Provisioner {
             .retain(|_, m| !a.covers(Some(&m.user), Some(&m.tenant)));
         self.refusals
             .retain(|_, r| !a.covers(Some(&r.user), Some(&r.tenant)));
+        // After the entries are gone, not before: a request that reads the new epoch can then no longer
+        // find them, so nothing it remembers under that epoch is stale.
+        self.next_epoch();
     }
 
     /// Writes pending last-login times (called periodically and at shutdown).
@@ -601,4 +604,109 @@ fn fingerprint(identity: &Identity, plan: &SyncPlan) -> u64 {
     identity.roles.hash(&mut h);
     plan.hash(&mut h);
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{ClaimPath, Dialect, MappingRules, map_claims};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A caller that remembers a sync under the epoch it read first (the token memo) must never hold a
+    /// stale entry under the current epoch. The epoch was bumped before the entries were removed, so a
+    /// request between the two read the new epoch and still found the old entry: its memo stayed valid
+    /// after the invalidation (a deactivated user kept being admitted until the cache TTL). A full sync
+    /// cache makes the removal scan long enough for a concurrent reader to land in that window.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_found_under_the_new_epoch_is_what_the_invalidation_removed() {
+        let (db, _, _dir) = bulk::tests::databases().await.swap_remove(0);
+        let provisioner = Arc::new(Provisioner::new(
+            db,
+            SyncOptions {
+                tenant_schema: None,
+                cache: CacheBudget {
+                    bytes: 1 << 30,
+                    entries: 1 << 20,
+                },
+                cache_ttl: Duration::from_secs(300),
+                last_seen_interval: Duration::from_secs(300),
+                write_timeout: Duration::from_secs(10),
+            },
+        ));
+
+        let filler = Arc::new(Provisioned::default());
+        for i in 0u64..300_000 {
+            let mut key = [0u8; 32];
+            key[..8].copy_from_slice(&i.to_le_bytes());
+            provisioner.synced.insert(
+                key,
+                Arc::new(Cached {
+                    fingerprint: 0,
+                    provisioned: filler.clone(),
+                    last_login: Stamp::written_at(Utc::now()),
+                    until: Instant::now() + Duration::from_secs(300),
+                }),
+            );
+        }
+        let rules = MappingRules {
+            dialect: Dialect::Generic,
+            tenant_claim: ClaimPath::new("tenant_id").unwrap(),
+            roles_claim: ClaimPath::new("roles").unwrap(),
+            id_prefix: None,
+        };
+        let claims = serde_json::json!({"sub": "u1"});
+        let identity = Arc::new(map_claims("iss", claims.as_object().unwrap(), &rules).unwrap());
+        let plan = SyncPlan {
+            tenant: None,
+            role: None,
+            idp_roles_apply: false,
+            origin: Origin::Idp,
+        };
+        for round in 0..10 {
+            let old = provisioner
+                .sync_entry(&identity, &plan, None)
+                .await
+                .unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            // An OS thread of its own, so it reads while the invalidation runs (a task could wait for
+            // the invalidating one's worker).
+            let reader = std::thread::spawn({
+                let (p, identity, plan, stop) = (
+                    provisioner.clone(),
+                    identity.clone(),
+                    plan.clone(),
+                    stop.clone(),
+                );
+                let runtime = tokio::runtime::Handle::current();
+                move || {
+                    let mut seen = Vec::new();
+                    while !stop.load(Ordering::Acquire) {
+                        let epoch = p.epoch();
+                        let s = runtime
+                            .block_on(p.sync_entry(&identity, &plan, None))
+                            .unwrap();
+                        seen.push((epoch, s));
+                    }
+                    seen
+                }
+            });
+            // Let the reader start hitting the entry, then invalidate the user.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            provisioner.invalidate(&Affected::User("u1".into()));
+            let current = provisioner.epoch();
+            stop.store(true, Ordering::Release);
+            let seen = tokio::task::spawn_blocking(move || reader.join().unwrap())
+                .await
+                .unwrap();
+            assert!(seen.len() > 10, "round {round}: the reader barely ran");
+            let stale = seen
+                .iter()
+                .filter(|(e, s)| *e == current && Arc::ptr_eq(&s.0, &old.0))
+                .count();
+            assert_eq!(
+                stale, 0,
+                "round {round}: {stale} reads under the new epoch found the removed entry"
+            );
+        }
+    }
 }
