@@ -16,8 +16,9 @@ pub use lifecycle::{Delivered, LifecycleError, LoggedOut};
 pub use policy::{MissingTenant, TenantPolicy};
 pub use tokens::Authenticated;
 
+use crate::identity::shared::SharedParts;
 use crate::identity::{TenantId, map_claims};
-use crate::provision::{Affected, CacheBudget, ProvisionError, Provisioned, Provisioner};
+use crate::provision::{Affected, CacheBudget, ProvisionError, Provisioner, Synced};
 use policy::Known;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
@@ -36,7 +37,7 @@ pub enum OnDbError {
 /// A request let in: who, and what the upstream is told.
 pub struct Admission {
     pub authenticated: Arc<Authenticated>,
-    pub view: Arc<Provisioned>,
+    pub view: Synced,
 }
 
 /// How lifecycle changes are handled.
@@ -73,6 +74,8 @@ pub struct Gatekeeper {
     /// so a request meeting a dead database does not wait its timeout (synced identities still come
     /// from the cache meanwhile).
     db_quiet_until_ms: AtomicI64,
+    /// Tenant ids and role lists, one copy however many cached tokens carry them.
+    shared: SharedParts,
 }
 
 /// How long pass mode leaves a failed database alone before trying it again.
@@ -100,6 +103,7 @@ impl Gatekeeper {
             revocations: revocation::RevocationSet::default(),
             lifecycle: LifecycleOptions::default(),
             db_quiet_until_ms: AtomicI64::new(0),
+            shared: SharedParts::default(),
         }
     }
 
@@ -181,7 +185,8 @@ impl Gatekeeper {
         metrics::counter!("idsync_token_verifications_total", "outcome" => if verified.is_ok() { "valid" } else { "invalid" })
             .increment(1);
         let (issuer, verified) = verified?;
-        let identity = map_claims(issuer.name.clone(), &verified.claims, &issuer.rules)?;
+        let mut identity = map_claims(issuer.name.clone(), &verified.claims, &issuer.rules)?;
+        self.shared.share(&mut identity);
         let sid = verified
             .claims
             .get("sid")
@@ -226,7 +231,7 @@ impl Gatekeeper {
             self.provisioner
                 .touch(&memo.synced, &authenticated.identity);
             return Ok(Admission {
-                view: memo.synced.view().clone(),
+                view: memo.synced.clone(),
                 authenticated,
             });
         }
@@ -267,11 +272,11 @@ impl Gatekeeper {
         };
         match self
             .provisioner
-            .sync_entry(identity, &decision.plan, authenticated.issued_at)
+            .sync(identity, &decision.plan, authenticated.issued_at)
             .await
         {
             Ok(synced) => {
-                let view = synced.view().clone();
+                let view = synced.clone();
                 if self.provisioner.caching() {
                     authenticated.memo.store(tokens::Memo {
                         requested: requested.cloned(),
@@ -333,7 +338,7 @@ impl Gatekeeper {
         let (_, view) = policy::decide_offline(&authenticated.identity, requested, &self.policy)?;
         Ok(Admission {
             authenticated,
-            view: Arc::new(view),
+            view: Synced::detached(view),
         })
     }
 

@@ -144,12 +144,11 @@ pub fn target(
     };
     match &policy.missing {
         MissingTenant::Reject => Err(Refusal::MissingTenant {
-            looked_for: identity.tenant_sources.clone(),
+            looked_for: identity.tenant_sources().to_vec(),
         }),
         MissingTenant::Personal => {
             let owner = identity
-                .username
-                .as_deref()
+                .username()
                 .or(identity.email.as_deref())
                 .unwrap_or(user.as_str());
             Ok(Target::Tenant {
@@ -234,9 +233,9 @@ pub fn decide_offline(
         policy,
     )?;
     let view = Provisioned {
-        user_id: identity.subject.as_ref().map(|s| s.to_string()),
-        email: identity.email.as_deref().map(str::to_owned),
-        name: identity.name.as_deref().map(str::to_owned),
+        user_id: identity.subject.as_ref().map(|s| s.as_shared().clone()),
+        email: identity.email.clone(),
+        name: identity.name.clone(),
         tenant_id: decision.plan.tenant.as_ref().map(|t| t.id.as_str().into()),
         tenant_name: decision
             .plan

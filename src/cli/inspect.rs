@@ -208,7 +208,7 @@ async fn explain(
                     "dialect": identity.dialect,
                     "user": identity.subject,
                     "tenant": view.and_then(|v| v.tenant_id.clone()),
-                    "tenant_looked_for": identity.tenant_sources,
+                    "tenant_looked_for": identity.tenant_sources(),
                     "tenants": identity.tenants,
                     "role": view.and_then(|v| v.role.clone()),
                     "idp_roles": identity.roles,

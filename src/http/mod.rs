@@ -51,7 +51,7 @@ pub struct AppState {
 
 /// Who a request was for, for the access log: the view the request was admitted with.
 #[derive(Clone, Debug)]
-struct LogIdentity(Arc<crate::provision::Provisioned>);
+struct LogIdentity(crate::provision::Synced);
 
 impl LogIdentity {
     fn of(admission: &Admission) -> Self {
@@ -229,7 +229,7 @@ async fn me(State(state): State<Arc<AppState>>, mut req: Request) -> Response {
                 tenants.push(json!({"id": org.id, "name": org.name, "slug": org.slug, "role": m.role, "role_source": m.role_source, "source": "membership"}));
             }
         }
-        for t in &identity.tenants {
+        for t in identity.tenants.iter() {
             if seen.insert(t.to_string()) {
                 tenants.push(json!({"id": t, "name": identity.tenant_name(t.as_str()), "slug": null, "role": null, "role_source": null, "source": "token"}));
             }

@@ -44,12 +44,12 @@ pub(super) fn opt_str<'a>(
     }
 }
 
-pub(super) fn opt_profile(
+pub(super) fn opt_profile<T: From<String>>(
     claims: &Map<String, Value>,
     claim: &str,
-) -> Result<Option<Box<str>>, IdentityError> {
+) -> Result<Option<T>, IdentityError> {
     opt_str(claims, claim)?
-        .map(|s| profile_string(claim, s).map(String::into_boxed_str))
+        .map(|s| profile_string(claim, s).map(T::from))
         .transpose()
 }
 

@@ -17,16 +17,17 @@ pub(super) fn map(claims: &Map<String, Value>) -> Result<Identity, IdentityError
         "tenantApiToken" | "tenantAccessToken" => None,
         other => return Err(IdentityError::UnsupportedTokenType(other.to_owned())),
     };
-    identity.avatar_url = opt_profile(claims, "profilePictureUrl")?;
-    identity.roles = string_list(claims.get("roles"), "roles")?;
-    identity.permissions = string_list(claims.get("permissions"), "permissions")?;
-    identity.metadata = match claims.get("metadata") {
+    identity.extras_mut().avatar_url = opt_profile(claims, "profilePictureUrl")?;
+    identity.roles = string_list(claims.get("roles"), "roles")?.into();
+    identity.extras_mut().permissions =
+        string_list(claims.get("permissions"), "permissions")?.into();
+    identity.extras_mut().metadata = match claims.get("metadata") {
         None | Some(Value::Null) => None,
         Some(v) => Some(Box::new(v.clone())),
     };
-    identity.tenant_sources.push("tenantId".into());
+    identity.extras_mut().tenant_sources.push("tenantId".into());
     identity.tenant = opt_tenant(claims, "tenantId")?;
-    identity.tenants = tenant_ids(claims.get("tenantIds"), "tenantIds")?;
+    identity.tenants = tenant_ids(claims.get("tenantIds"), "tenantIds")?.into();
     if identity.tenant.is_none() && identity.subject.is_none() {
         // A tenant-level token that names no tenant identifies nobody.
         return Err(IdentityError::InvalidClaim {

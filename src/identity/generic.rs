@@ -16,7 +16,8 @@ pub(super) fn map(
         identity.name = identity.username.clone();
     }
     apply_tenant_claim(&mut identity, claims, rules)?;
-    identity.roles = string_list(rules.roles_claim.lookup(claims), rules.roles_claim.as_str())?;
+    identity.roles =
+        string_list(rules.roles_claim.lookup(claims), rules.roles_claim.as_str())?.into();
     Ok(identity)
 }
 
@@ -27,9 +28,9 @@ pub(super) fn apply_tenant_claim(
     rules: &MappingRules,
 ) -> Result<(), IdentityError> {
     let path = rules.tenant_claim.as_str();
-    identity.tenant_sources.push(path.to_owned());
+    identity.extras_mut().tenant_sources.push(path.to_owned());
     let ids = tenant_ids(rules.tenant_claim.lookup(claims), path)?;
     identity.tenant = ids.first().cloned();
-    identity.tenants = ids;
+    identity.tenants = ids.into();
     Ok(())
 }

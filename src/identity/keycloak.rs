@@ -37,16 +37,19 @@ pub(super) fn map(
         )?;
         push_unique(&mut roles, client_roles);
     }
-    identity.roles = roles;
+    identity.roles = roles.into();
 
-    identity.tenant_sources.push("organization".into());
+    identity
+        .extras_mut()
+        .tenant_sources
+        .push("organization".into());
     let orgs = organizations(claims.get("organization"))?;
     if orgs.is_empty() {
         apply_tenant_claim(&mut identity, claims, rules)?;
     } else {
         identity.tenant = orgs.first().map(|(id, _)| id.clone());
         identity.tenants = orgs.iter().map(|(id, _)| id.clone()).collect();
-        identity.tenant_names = orgs
+        identity.extras_mut().tenant_names = orgs
             .into_iter()
             .filter_map(|(id, alias)| Some((id, alias?)))
             .collect();

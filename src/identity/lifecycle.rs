@@ -123,9 +123,9 @@ pub fn frontegg(body: &Value, rules: &MappingRules) -> Result<Option<Event>, Eve
             return Ok(Profile::default());
         };
         Ok(Profile {
-            email: opt_profile(u, "email")?.map(String::from),
-            name: opt_profile(u, "name")?.map(String::from),
-            avatar_url: opt_profile(u, "profilePictureUrl")?.map(String::from),
+            email: opt_profile::<String>(u, "email")?,
+            name: opt_profile::<String>(u, "name")?,
+            avatar_url: opt_profile::<String>(u, "profilePictureUrl")?,
             ..Profile::default()
         })
     };
@@ -243,8 +243,8 @@ pub fn keycloak(body: &Value, rules: &MappingRules) -> Result<Option<Event>, Eve
         ("admin.USER-CREATE" | "admin.USER-UPDATE", Some("users"), 2) => {
             let user = user_at(1)?;
             if let Some(r) = rep {
-                let given = opt_profile(r, "firstName")?.map(String::from);
-                let family = opt_profile(r, "lastName")?.map(String::from);
+                let given = opt_profile::<String>(r, "firstName")?;
+                let family = opt_profile::<String>(r, "lastName")?;
                 let name = match (&given, &family) {
                     (Some(g), Some(f)) => Some(format!("{g} {f}")),
                     (g, f) => g.clone().or(f.clone()),
@@ -252,8 +252,8 @@ pub fn keycloak(body: &Value, rules: &MappingRules) -> Result<Option<Event>, Eve
                 changes.push(Change::User {
                     user: user.clone(),
                     profile: Profile {
-                        email: opt_profile(r, "email")?.map(String::from),
-                        username: opt_profile(r, "username")?.map(String::from),
+                        email: opt_profile::<String>(r, "email")?,
+                        username: opt_profile::<String>(r, "username")?,
                         name,
                         given_name: given,
                         family_name: family,

@@ -8,6 +8,7 @@ mod keycloak;
 pub mod lifecycle;
 mod membership;
 mod roles;
+pub mod shared;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -103,12 +104,14 @@ fn check_id(claim: &str, raw: &str) -> Result<(), IdentityError> {
 }
 
 /// Distinct types for the IdP's ids, so a user id can never be passed where a tenant id is meant.
+/// Reference-counted: a tenant id is shared by every identity of the tenant ([`shared::SharedParts`]),
+/// a user id by the token entry and the synced view.
 macro_rules! idp_id {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
         #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
         #[serde(transparent)]
-        pub struct $name(Box<str>);
+        pub struct $name(Arc<str>);
 
         impl $name {
             /// Validates `raw` as read from `claim` (named in the error).
@@ -118,6 +121,17 @@ macro_rules! idp_id {
             }
 
             pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            /// The shared string itself.
+            pub fn as_shared(&self) -> &Arc<str> {
+                &self.0
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
                 &self.0
             }
         }
@@ -155,58 +169,125 @@ pub struct Identity {
     pub subject: Option<Subject>,
     /// The tenant the token is for, if it names one.
     pub tenant: Option<TenantId>,
-    /// Every tenant the token allows the caller to act in (includes `tenant`).
-    pub tenants: Vec<TenantId>,
-    /// Display names the token gives for tenants (Keycloak organization aliases).
-    pub tenant_names: Vec<(TenantId, String)>,
-    pub email: Option<Box<str>>,
+    /// Every tenant the token allows the caller to act in (includes `tenant`). Lists, like the role
+    /// lists, are shared by every identity that carries the same one ([`shared::SharedParts`]).
+    pub tenants: Arc<[TenantId]>,
+    /// Reference-counted so the synced view can share them rather than copy.
+    pub email: Option<Arc<str>>,
     pub email_verified: Option<bool>,
-    pub name: Option<Box<str>>,
-    pub username: Option<Box<str>>,
+    pub name: Option<Arc<str>>,
+    /// Every Keycloak token has one; `name` falls back to it (the same string, shared).
+    pub username: Option<Arc<str>>,
+    /// Raw IdP roles, in token order, without duplicates.
+    pub roles: Arc<[String]>,
+    /// The rest of the profile and the rarer parts; `None` when the token carries none of them, so a
+    /// cached identity does not hold a row of empty fields (a token lives in the cache for its lifetime).
+    #[serde(flatten)]
+    pub extras: Option<Box<Extras>>,
+}
+
+/// The parts of an [`Identity`] many tokens leave out.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Extras {
     pub given_name: Option<Box<str>>,
     pub family_name: Option<Box<str>>,
     pub avatar_url: Option<Box<str>>,
-    /// Raw IdP roles, in token order, without duplicates.
-    pub roles: Vec<String>,
-    pub permissions: Vec<String>,
+    /// Display names the token gives for tenants (Keycloak organization aliases).
+    pub tenant_names: Vec<(TenantId, String)>,
+    pub permissions: Arc<[String]>,
+    /// Boxed: a JSON value is larger than all the other fields together.
     pub metadata: Option<Box<Value>>,
     /// Where the tenant was looked for, to explain a missing one; empty when a tenant was found.
     #[serde(skip)]
     pub tenant_sources: Vec<String>,
 }
 
+impl Default for Identity {
+    fn default() -> Self {
+        Self {
+            issuer: Arc::from(""),
+            dialect: Dialect::Generic,
+            subject: None,
+            tenant: None,
+            tenants: Arc::from([]),
+            email: None,
+            email_verified: None,
+            name: None,
+            username: None,
+            roles: Arc::from([]),
+            extras: None,
+        }
+    }
+}
+
 impl Identity {
+    /// The rarer parts, made on first write.
+    pub fn extras_mut(&mut self) -> &mut Extras {
+        self.extras.get_or_insert_with(Default::default)
+    }
+
+    pub fn username(&self) -> Option<&str> {
+        self.username.as_deref()
+    }
+
+    pub fn given_name(&self) -> Option<&str> {
+        self.extras.as_ref()?.given_name.as_deref()
+    }
+
+    pub fn family_name(&self) -> Option<&str> {
+        self.extras.as_ref()?.family_name.as_deref()
+    }
+
+    pub fn avatar_url(&self) -> Option<&str> {
+        self.extras.as_ref()?.avatar_url.as_deref()
+    }
+
+    pub fn tenant_names(&self) -> &[(TenantId, String)] {
+        self.extras.as_ref().map_or(&[], |e| &e.tenant_names)
+    }
+
+    pub fn permissions(&self) -> &[String] {
+        self.extras.as_ref().map_or(&[], |e| &e.permissions)
+    }
+
+    pub fn metadata(&self) -> Option<&Value> {
+        self.extras.as_ref()?.metadata.as_deref()
+    }
+
+    /// Where the tenant was looked for, to explain a missing one; empty when a tenant was found.
+    pub fn tenant_sources(&self) -> &[String] {
+        self.extras.as_ref().map_or(&[], |e| &e.tenant_sources)
+    }
+
     /// The display name the token gives `tenant` (a Keycloak organization alias), if any.
     pub fn tenant_name(&self, tenant: &str) -> Option<&str> {
-        self.tenant_names
+        self.tenant_names()
             .iter()
             .find(|(id, _)| id.as_str() == tenant)
             .map(|(_, n)| n.as_str())
     }
 
-    /// An estimate of the heap memory this identity holds (strings, lists, metadata), for byte-bounded caches.
+    /// An estimate of the heap memory this identity holds (strings, lists, metadata), for byte-bounded
+    /// caches. Tenant ids and lists are usually shared with other identities ([`shared::SharedParts`]),
+    /// but are counted as if owned: the bound must hold even when every cached token carries a list of
+    /// its own (a user in 200 tenants of their own, say).
     pub fn heap_size(&self) -> usize {
-        let opt = |s: &Option<Box<str>>| s.as_ref().map_or(0, |s| s.len());
-        let ids = |v: &[TenantId]| v.iter().map(|t| t.as_str().len() + 16).sum::<usize>();
-        opt(&self.email)
-            + opt(&self.name)
-            + opt(&self.username)
-            + opt(&self.given_name)
-            + opt(&self.family_name)
-            + opt(&self.avatar_url)
-            + self.subject.as_ref().map_or(0, |s| s.as_str().len())
-            + self.tenant.as_ref().map_or(0, |t| t.as_str().len())
-            + ids(&self.tenants)
-            + self
-                .tenant_names
-                .iter()
-                .map(|(t, n)| t.as_str().len() + n.capacity() + 40)
-                .sum::<usize>()
-            + self.roles.iter().map(|r| r.capacity() + 24).sum::<usize>()
-            + self.permissions.iter().map(|r| r.capacity() + 24).sum::<usize>()
-            + self.tenant_sources.iter().map(|r| r.capacity() + 24).sum::<usize>()
-            // serde_json keeps a map node per key and a String per value: about twice the text size.
-            + self.metadata.as_ref().map_or(0, |m| m.to_string().len() * 2)
+        let shared = |s: &Option<Arc<str>>| s.as_ref().map_or(0, |s| s.len() + 16);
+        let id = |t: &TenantId| t.as_str().len() + 16;
+        let tenants = 16 + self.tenants.iter().map(|t| 16 + id(t)).sum::<usize>();
+        let list = |l: &[String]| 16 + l.iter().map(|r| r.len() + 24).sum::<usize>();
+        let username = match (&self.username, &self.name) {
+            (Some(u), Some(n)) if Arc::ptr_eq(u, n) => 0,
+            _ => shared(&self.username),
+        };
+        shared(&self.email)
+            + shared(&self.name)
+            + username
+            + self.subject.as_ref().map_or(0, |s| s.as_str().len() + 16)
+            + self.tenant.as_ref().map_or(0, id)
+            + tenants
+            + list(&self.roles)
+            + self.extras.as_ref().map_or(0, |e| e.heap_size())
     }
 
     /// Whether the token lets the caller act in `tenant` (its own tenant or one of its listed tenants).
@@ -225,6 +306,26 @@ impl Identity {
                 self.tenants.iter().any(|t| t.as_str() == tenant)
             }
         }
+    }
+}
+
+impl Extras {
+    fn heap_size(&self) -> usize {
+        let boxed = |s: &Option<Box<str>>| s.as_ref().map_or(0, |s| s.len());
+        std::mem::size_of::<Self>()
+            + boxed(&self.given_name)
+            + boxed(&self.family_name)
+            + boxed(&self.avatar_url)
+            + self
+                .tenant_names
+                .iter()
+                .map(|(t, n)| t.as_str().len() + 16 + n.capacity() + 40)
+                .sum::<usize>()
+            + 16
+            + self.permissions.iter().map(|p| p.len() + 24).sum::<usize>()
+            + self.tenant_sources.iter().map(|r| r.capacity() + 24).sum::<usize>()
+            // serde_json keeps a map node per key and a String per value: about twice the text size.
+            + self.metadata.as_ref().map_or(0, |m| m.to_string().len() * 2)
     }
 }
 
@@ -273,21 +374,29 @@ pub fn map_claims(
             .tenants
             .iter()
             .map(tenant)
-            .collect::<Result<_, _>>()?;
-        identity.tenant_names = identity
-            .tenant_names
-            .iter()
-            .map(|(t, n)| Ok((tenant(t)?, n.clone())))
-            .collect::<Result<_, IdentityError>>()?;
+            .collect::<Result<Vec<_>, _>>()?
+            .into();
+        if let Some(extras) = &mut identity.extras {
+            extras.tenant_names = extras
+                .tenant_names
+                .iter()
+                .map(|(t, n)| Ok((tenant(t)?, n.clone())))
+                .collect::<Result<_, IdentityError>>()?;
+        }
     }
     // Kept only to explain a missing tenant; a found one makes it noise in every cached identity.
-    if identity.tenant.is_some() {
-        identity.tenant_sources = Vec::new();
+    if identity.tenant.is_some()
+        && let Some(extras) = &mut identity.extras
+    {
+        extras.tenant_sources = Vec::new();
     }
     if let Some(tenant) = &identity.tenant
         && !identity.tenants.contains(tenant)
     {
-        identity.tenants.insert(0, tenant.clone());
+        let mut tenants = Vec::with_capacity(identity.tenants.len() + 1);
+        tenants.push(tenant.clone());
+        tenants.extend(identity.tenants.iter().cloned());
+        identity.tenants = tenants.into();
     }
     if identity.tenants.len() > MAX_LIST_ITEMS {
         return Err(IdentityError::invalid(
@@ -295,36 +404,35 @@ pub fn map_claims(
             format!("lists more than {MAX_LIST_ITEMS} tenants"),
         ));
     }
-    // Cached for the token's lifetime: no spare capacity (a one-item Vec grows to room for four).
-    identity.tenants.shrink_to_fit();
-    identity.tenant_names.shrink_to_fit();
-    identity.roles.shrink_to_fit();
-    identity.permissions.shrink_to_fit();
-    identity.tenant_sources.shrink_to_fit();
+    // Cached for the token's lifetime: no spare capacity (a one-item Vec grows to room for four), and
+    // no box of empty fields.
+    if let Some(extras) = &mut identity.extras {
+        if **extras == Extras::default() {
+            identity.extras = None;
+        } else {
+            extras.tenant_names.shrink_to_fit();
+            extras.tenant_sources.shrink_to_fit();
+        }
+    }
     Ok(identity)
 }
 
 /// The OIDC standard claims every dialect shares; dialects override what they know better.
 fn standard_profile(claims: &Map<String, Value>) -> Result<Identity, IdentityError> {
     use claims::{opt_bool, opt_profile};
+    let extras = Extras {
+        given_name: opt_profile(claims, "given_name")?,
+        family_name: opt_profile(claims, "family_name")?,
+        avatar_url: opt_profile(claims, "picture")?,
+        ..Extras::default()
+    };
     Ok(Identity {
-        issuer: Arc::from(""),
-        dialect: Dialect::Generic,
-        subject: None,
-        tenant: None,
-        tenants: Vec::new(),
-        tenant_names: Vec::new(),
         email: opt_profile(claims, "email")?,
         email_verified: opt_bool(claims, "email_verified")?,
         name: opt_profile(claims, "name")?,
         username: opt_profile(claims, "preferred_username")?,
-        given_name: opt_profile(claims, "given_name")?,
-        family_name: opt_profile(claims, "family_name")?,
-        avatar_url: opt_profile(claims, "picture")?,
-        roles: Vec::new(),
-        permissions: Vec::new(),
-        metadata: None,
-        tenant_sources: Vec::new(),
+        extras: Some(Box::new(extras)),
+        ..Identity::default()
     })
 }
 

@@ -287,7 +287,7 @@ pub(super) async fn sync_many<'r>(
                     user_id: subject(r).expect("membership writes have users"),
                     org_id: tenant(r).expect("membership writes have tenants"),
                     role: roles[i].as_deref().expect("membership writes have roles"),
-                    idp_roles: speaks.then_some(r.identity.roles.as_slice()),
+                    idp_roles: speaks.then_some(&r.identity.roles[..]),
                     origin: r.origin,
                     now: r.now,
                 })

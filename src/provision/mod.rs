@@ -94,9 +94,10 @@ pub struct SyncPlan {
 /// What the upstream is told about a caller: from the synced rows, or (pass mode) from the decision alone.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Provisioned {
-    pub user_id: Option<String>,
-    pub email: Option<String>,
-    pub name: Option<String>,
+    /// The user's strings: usually the token's own, shared rather than copied.
+    pub user_id: Option<Arc<str>>,
+    pub email: Option<Arc<str>>,
+    pub name: Option<Arc<str>>,
     /// The tenant's values and the role are shared by every member's view (`Interner`).
     pub tenant_id: Option<Arc<str>>,
     pub tenant_name: Option<Arc<str>>,
@@ -149,48 +150,34 @@ impl Affected {
 
 type Key = [u8; 32];
 
+/// The view and its bookkeeping in one allocation (one sync-cache entry per identity and tenant).
 struct Cached {
+    view: Provisioned,
     fingerprint: u64,
-    provisioned: Arc<Provisioned>,
     last_login: Stamp,
     /// When this stops being trusted (`--sync-cache-ttl` after the sync).
     until: Instant,
 }
 
-/// Shared copies of strings many views repeat (a tenant's id, name, slug and schema; role names). An
-/// entry nobody else holds any more is dropped when the set has doubled since it was last pruned.
-#[derive(Default)]
-struct Interner {
-    set: std::sync::Mutex<(std::collections::HashSet<Arc<str>>, usize)>,
-}
-
-impl Interner {
-    fn intern(&self, s: &str) -> Arc<str> {
-        let Ok(mut guard) = self.set.lock() else {
-            return Arc::from(s);
-        };
-        let (set, pruned_at) = &mut *guard;
-        if let Some(shared) = set.get(s) {
-            return shared.clone();
-        }
-        if set.len() >= (*pruned_at * 2).max(1024) {
-            set.retain(|a| Arc::strong_count(a) > 1);
-            *pruned_at = set.len();
-        }
-        let shared: Arc<str> = Arc::from(s);
-        set.insert(shared.clone());
-        shared
-    }
-}
-
-/// A synced identity as the sync cache holds it: the view, until when it is trusted, and its last-login
-/// stamp. The access layer keeps one beside a cached token, so a repeated request skips the lookup.
+/// A synced identity as the sync cache holds it: the view (what the upstream is told), until when it is
+/// trusted, and its last-login stamp. The access layer keeps one beside a cached token, so a repeated
+/// request skips the lookup.
 #[derive(Clone)]
 pub struct Synced(Arc<Cached>);
 
 impl Synced {
-    pub fn view(&self) -> &Arc<Provisioned> {
-        &self.0.provisioned
+    /// A view decided without the database (pass mode): never trusted as a sync.
+    pub fn detached(view: Provisioned) -> Self {
+        Self(Arc::new(Cached {
+            view,
+            fingerprint: 0,
+            last_login: Stamp::written_at(Utc::now()),
+            until: Instant::now(),
+        }))
+    }
+
+    pub fn view(&self) -> &Provisioned {
+        &self.0.view
     }
 
     /// Past this, the database is asked again.
@@ -199,17 +186,28 @@ impl Synced {
     }
 }
 
+impl std::ops::Deref for Synced {
+    type Target = Provisioned;
+
+    fn deref(&self) -> &Provisioned {
+        &self.0.view
+    }
+}
+
+impl std::fmt::Debug for Synced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.view.fmt(f)
+    }
+}
+
 impl HeapSize for Cached {
     fn heap_size(&self) -> usize {
-        let p = &self.provisioned;
-        let opt = |s: &Option<String>| s.as_ref().map_or(0, String::capacity);
+        let p = &self.view;
+        let opt = |s: &Option<Arc<str>>| s.as_ref().map_or(0, |s| s.len() + 16);
         // The tenant's strings and the role are shared, counted once per tenant rather than per view.
-        std::mem::size_of::<Self>()
-            + std::mem::size_of::<Provisioned>()
-            + 32
-            + opt(&p.user_id)
-            + opt(&p.email)
-            + opt(&p.name)
+        // The user's are usually the token entry's too, but counted here as well: the bound must hold
+        // when they are not.
+        std::mem::size_of::<Self>() + opt(&p.user_id) + opt(&p.email) + opt(&p.name)
     }
 }
 
@@ -250,7 +248,7 @@ pub struct Provisioner {
     refusals: Bounded<Key, Arc<Refused>>,
     last_seen: LastSeen,
     /// Tenant values and roles, one copy each however many views carry them.
-    interner: Interner,
+    interner: crate::identity::shared::Interner<Arc<str>>,
     /// Bumped by every invalidation: what was remembered from an earlier epoch is looked up again.
     epoch: std::sync::atomic::AtomicU64,
     /// First requests' syncs, group-committed. SQLite has one writer at a time: its syncs queue here, in
@@ -284,7 +282,7 @@ impl Provisioner {
             refusals,
             last_seen,
             epoch: std::sync::atomic::AtomicU64::new(0),
-            interner: Interner::default(),
+            interner: Default::default(),
             batcher,
         }
     }
@@ -322,23 +320,9 @@ impl Provisioner {
     }
 
     /// Makes sure the rows for this identity and decision exist and are current, and returns what to
-    /// forward. `issued_at` is the token's `iat`: a token older than the last lifecycle event applied
-    /// to the user does not write its profile back.
+    /// forward (the cache entry itself, for callers that remember it). `issued_at` is the token's `iat`:
+    /// a token older than the last lifecycle event applied to the user does not write its profile back.
     pub async fn sync(
-        &self,
-        identity: &Identity,
-        plan: &SyncPlan,
-        issued_at: Option<i64>,
-    ) -> Result<Arc<Provisioned>, ProvisionError> {
-        Ok(self
-            .sync_entry(identity, plan, issued_at)
-            .await?
-            .view()
-            .clone())
-    }
-
-    /// [`Provisioner::sync`], returning the cache entry itself (for callers that remember it).
-    pub async fn sync_entry(
         &self,
         identity: &Identity,
         plan: &SyncPlan,
@@ -357,7 +341,7 @@ impl Provisioner {
     }
 
     /// What an earlier sync of this identity and decision gave, without touching the database.
-    pub async fn cached(&self, identity: &Identity, plan: &SyncPlan) -> Option<Arc<Provisioned>> {
+    pub async fn cached(&self, identity: &Identity, plan: &SyncPlan) -> Option<Synced> {
         let (cache_key, fingerprint) = cache_key(identity, plan);
         self.hit(
             identity,
@@ -365,7 +349,6 @@ impl Provisioner {
             fingerprint,
             Utc::now().trunc_subsecs(6),
         )
-        .map(|s| s.view().clone())
     }
 
     fn hit(
@@ -424,11 +407,12 @@ impl Provisioner {
             ProvisionError::from(e)
         })?;
         metrics::counter!("idsync_sync_total", "outcome" => "synced").increment(1);
-        let shared = |s: &str| self.interner.intern(s);
-        let provisioned = Arc::new(Provisioned {
-            user_id: outcome.user.as_ref().map(|u| u.id.clone()),
-            email: outcome.user.as_ref().and_then(|u| u.email.clone()),
-            name: outcome.user.as_ref().and_then(|u| u.name.clone()),
+        let shared = |s: &str| self.interner.intern(s, |s| Arc::from(s));
+        let user = outcome.user.as_ref();
+        let view = Provisioned {
+            user_id: user.map(|u| reuse(identity.subject.as_ref().map(|s| s.as_shared()), &u.id)),
+            email: user.and_then(|u| Some(reuse(identity.email.as_ref(), u.email.as_deref()?))),
+            name: user.and_then(|u| Some(reuse(identity.name.as_ref(), u.name.as_deref()?))),
             tenant_id: outcome.organization.as_ref().map(|o| shared(&o.id)),
             tenant_name: outcome.organization.as_ref().map(|o| shared(&o.name)),
             tenant_slug: outcome.organization.as_ref().map(|o| shared(&o.slug)),
@@ -436,10 +420,10 @@ impl Provisioner {
             role: outcome.membership.as_ref().map(|m| shared(&m.role)),
             idp_roles_apply: plan.idp_roles_apply,
             synced: true,
-        });
+        };
         let cached = Arc::new(Cached {
+            view,
             fingerprint,
-            provisioned,
             // The sync transaction just wrote last_login_at.
             last_login: Stamp::written_at(now),
             until: Instant::now() + self.opts.cache_ttl,
@@ -544,7 +528,7 @@ impl Provisioner {
     pub fn invalidate(&self, affected: &Affected) {
         let a = affected;
         self.synced.retain(|_, v| {
-            let p = &v.provisioned;
+            let p = &v.view;
             !a.covers(p.user_id.as_deref(), p.tenant_id.as_deref())
         });
         self.members
@@ -581,6 +565,14 @@ pub fn stored_membership(m: &memberships::Model) -> StoredMembership {
     }
 }
 
+/// The token's copy of a stored string when they agree (the usual case), else a copy of the stored one.
+fn reuse(token: Option<&Arc<str>>, stored: &str) -> Arc<str> {
+    match token {
+        Some(t) if **t == *stored => t.clone(),
+        _ => Arc::from(stored),
+    }
+}
+
 /// The sync cache's key, (issuer, user, tenant), and the fingerprint its entry must match.
 fn cache_key(identity: &Identity, plan: &SyncPlan) -> (Key, u64) {
     let key = naming::digest_parts(&[
@@ -597,10 +589,10 @@ fn fingerprint(identity: &Identity, plan: &SyncPlan) -> u64 {
     identity.email.hash(&mut h);
     identity.email_verified.hash(&mut h);
     identity.name.hash(&mut h);
-    identity.username.hash(&mut h);
-    identity.given_name.hash(&mut h);
-    identity.family_name.hash(&mut h);
-    identity.avatar_url.hash(&mut h);
+    identity.username().hash(&mut h);
+    identity.given_name().hash(&mut h);
+    identity.family_name().hash(&mut h);
+    identity.avatar_url().hash(&mut h);
     identity.roles.hash(&mut h);
     plan.hash(&mut h);
     h.finish()
@@ -634,7 +626,6 @@ mod tests {
             },
         ));
 
-        let filler = Arc::new(Provisioned::default());
         for i in 0u64..300_000 {
             let mut key = [0u8; 32];
             key[..8].copy_from_slice(&i.to_le_bytes());
@@ -642,7 +633,7 @@ mod tests {
                 key,
                 Arc::new(Cached {
                     fingerprint: 0,
-                    provisioned: filler.clone(),
+                    view: Provisioned::default(),
                     last_login: Stamp::written_at(Utc::now()),
                     until: Instant::now() + Duration::from_secs(300),
                 }),
@@ -663,10 +654,7 @@ mod tests {
             origin: Origin::Idp,
         };
         for round in 0..10 {
-            let old = provisioner
-                .sync_entry(&identity, &plan, None)
-                .await
-                .unwrap();
+            let old = provisioner.sync(&identity, &plan, None).await.unwrap();
             let stop = Arc::new(AtomicBool::new(false));
             // An OS thread of its own, so it reads while the invalidation runs (a task could wait for
             // the invalidating one's worker).
@@ -682,9 +670,7 @@ mod tests {
                     let mut seen = Vec::new();
                     while !stop.load(Ordering::Acquire) {
                         let epoch = p.epoch();
-                        let s = runtime
-                            .block_on(p.sync_entry(&identity, &plan, None))
-                            .unwrap();
+                        let s = runtime.block_on(p.sync(&identity, &plan, None)).unwrap();
                         seen.push((epoch, s));
                     }
                     seen
