@@ -72,6 +72,13 @@ impl<K: Eq + Hash + Clone, V: Clone + HeapSize> Bounded<K, V> {
         }
     }
 
+    /// Removes the entry under `key` if `f` accepts its value (not one inserted since by someone else).
+    pub fn remove_if(&self, key: &K, f: impl FnOnce(&V) -> bool) {
+        if let Some(c) = &self.inner {
+            c.remove_if(key, f);
+        }
+    }
+
     /// Keeps only the entries `keep` accepts (a scan: for invalidations, which are rare).
     pub fn retain(&self, keep: impl Fn(&K, &V) -> bool) {
         if let Some(c) = &self.inner {

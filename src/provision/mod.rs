@@ -386,6 +386,10 @@ impl Provisioner {
         issued_at: Option<DateTime<Utc>>,
     ) -> Result<Synced, ProvisionError> {
         let started = std::time::Instant::now();
+        // An invalidation while this sync is in flight may have removed entries before this one was
+        // inserted: what the sync read may be from before the change. Such a result is answered but not
+        // remembered (checked after the insert; `invalidate` bumps the epoch before it removes).
+        let epoch = self.epoch();
         let job = self.batcher.sync(batch::Job {
             identity: identity.clone(),
             tenant: plan.tenant.clone(),
@@ -429,6 +433,10 @@ impl Provisioner {
             until: Instant::now() + self.opts.cache_ttl,
         });
         self.synced.insert(cache_key, cached.clone());
+        if self.epoch() != epoch {
+            self.synced
+                .remove_if(&cache_key, |v| Arc::ptr_eq(v, &cached));
+        }
         Ok(Synced(cached))
     }
 
@@ -446,6 +454,8 @@ impl Provisioner {
             }
             self.members.remove(&key);
         }
+        // As for syncs: a lookup that overlapped an invalidation is answered, not remembered.
+        let epoch = self.epoch();
         let stored = Box::pin(
             memberships::Entity::find_by_id((user.to_owned(), tenant.to_owned())).one(&self.db),
         )
@@ -455,15 +465,16 @@ impl Provisioner {
             Some(m) if m.is_active => self.opts.cache_ttl,
             _ => NEGATIVE_MEMBERSHIP_TTL,
         };
-        self.members.insert(
-            key,
-            Arc::new(Membership {
-                user: user.to_owned(),
-                tenant: tenant.to_owned(),
-                stored: stored.clone(),
-                until: Instant::now() + ttl,
-            }),
-        );
+        let entry = Arc::new(Membership {
+            user: user.to_owned(),
+            tenant: tenant.to_owned(),
+            stored: stored.clone(),
+            until: Instant::now() + ttl,
+        });
+        self.members.insert(key, entry.clone());
+        if self.epoch() != epoch {
+            self.members.remove_if(&key, |v| Arc::ptr_eq(v, &entry));
+        }
         Ok(stored)
     }
 
@@ -518,6 +529,7 @@ impl Provisioner {
 
     /// Forgets everything synced (after change notices may have been missed).
     pub fn invalidate_all(&self) {
+        self.next_epoch();
         self.synced.clear();
         self.members.clear();
         self.next_epoch();
@@ -526,6 +538,9 @@ impl Provisioner {
     /// Forgets what was synced for an affected user, organization or membership, so the next request
     /// reads the database again (and meets, say, a deactivation at once).
     pub fn invalidate(&self, affected: &Affected) {
+        // Before: a sync in flight that inserts after the removal sees the epoch moved and takes its
+        // entry back out. After (below): see there.
+        self.next_epoch();
         let a = affected;
         self.synced.retain(|_, v| {
             let p = &v.view;
@@ -602,16 +617,26 @@ fn fingerprint(identity: &Identity, plan: &SyncPlan) -> u64 {
 mod tests {
     use super::*;
     use crate::identity::{ClaimPath, Dialect, MappingRules, map_claims};
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-    /// A caller that remembers a sync under the epoch it read first (the token memo) must never hold a
-    /// stale entry under the current epoch. The epoch was bumped before the entries were removed, so a
-    /// request between the two read the new epoch and still found the old entry: its memo stayed valid
-    /// after the invalidation (a deactivated user kept being admitted until the cache TTL). A full sync
-    /// cache makes the removal scan long enough for a concurrent reader to land in that window.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn nothing_found_under_the_new_epoch_is_what_the_invalidation_removed() {
-        let (db, _, _dir) = bulk::tests::databases().await.swap_remove(0);
+    /// A provisioner over a fresh SQLite file (and its URL, for a second connection); a PostgreSQL
+    /// database `databases` also made is dropped.
+    async fn sqlite_provisioner() -> (Arc<Provisioner>, String, tempfile::TempDir) {
+        let mut dbs = bulk::tests::databases().await;
+        let (db, _, dir) = dbs.remove(0);
+        for (pg, admin, _) in dbs {
+            pg.close().await.unwrap();
+            if let Some((admin, name)) = admin {
+                let conn = sea_orm::Database::connect(&admin).await.unwrap();
+                sea_orm::ConnectionTrait::execute_unprepared(
+                    &conn,
+                    &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                )
+                .await
+                .unwrap();
+            }
+        }
+        let url = format!("sqlite://{}/bulk.db?mode=rwc", dir.path().display());
         let provisioner = Arc::new(Provisioner::new(
             db,
             SyncOptions {
@@ -625,7 +650,81 @@ mod tests {
                 write_timeout: Duration::from_secs(10),
             },
         ));
+        (provisioner, url, dir)
+    }
 
+    fn user_identity(sub: &str) -> Identity {
+        let rules = MappingRules {
+            dialect: Dialect::Generic,
+            tenant_claim: ClaimPath::new("tenant_id").unwrap(),
+            roles_claim: ClaimPath::new("roles").unwrap(),
+            id_prefix: None,
+        };
+        let claims = serde_json::json!({ "sub": sub });
+        map_claims("iss", claims.as_object().unwrap(), &rules).unwrap()
+    }
+
+    fn no_tenant() -> SyncPlan {
+        SyncPlan {
+            tenant: None,
+            role: None,
+            idp_roles_apply: false,
+            origin: Origin::Idp,
+        }
+    }
+
+    /// A sync in flight while its user is invalidated may have read the rows from before the change;
+    /// it inserted its result after the invalidation had removed everything about the user, and that
+    /// entry then served the user's other tokens until the TTL. Here the sync waits on SQLite's write
+    /// lock (held by another connection) while the invalidation runs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sync_in_flight_during_an_invalidation_is_not_remembered() {
+        let (provisioner, url, _dir) = sqlite_provisioner().await;
+        let identity = user_identity("u1");
+        let mut opts = sea_orm::ConnectOptions::new(url);
+        opts.max_connections(1).sqlx_logging(false);
+        let blocker = sea_orm::Database::connect(opts).await.unwrap();
+        sea_orm::ConnectionTrait::execute_unprepared(&blocker, "BEGIN IMMEDIATE")
+            .await
+            .unwrap();
+        let sync = tokio::spawn({
+            let p = provisioner.clone();
+            let identity = identity.clone();
+            async move { p.sync(&identity, &no_tenant(), None).await }
+        });
+        // The sync has read the epoch and waits on the lock (SQLite's busy timeout is 5 s).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!sync.is_finished(), "the sync did not wait on the lock");
+        provisioner.invalidate(&Affected::User("u1".into()));
+        sea_orm::ConnectionTrait::execute_unprepared(&blocker, "ROLLBACK")
+            .await
+            .unwrap();
+        let synced = sync.await.unwrap().unwrap();
+        assert_eq!(
+            synced.user_id.as_deref(),
+            Some("u1"),
+            "the request is answered"
+        );
+        assert!(
+            provisioner.cached(&identity, &no_tenant()).await.is_none(),
+            "a sync that overlapped the invalidation was remembered"
+        );
+        // The next one, after the invalidation, is remembered as usual.
+        provisioner
+            .sync(&identity, &no_tenant(), None)
+            .await
+            .unwrap();
+        assert!(provisioner.cached(&identity, &no_tenant()).await.is_some());
+    }
+
+    /// A caller that remembers a sync under the epoch it read first (the token memo) must never hold a
+    /// stale entry under the current epoch. The epoch was bumped before the entries were removed, so a
+    /// request between the two read the new epoch and still found the old entry: its memo stayed valid
+    /// after the invalidation (a deactivated user kept being admitted until the cache TTL). A full sync
+    /// cache makes the removal scan long enough for a concurrent reader to land in that window.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_found_under_the_new_epoch_is_what_the_invalidation_removed() {
+        let (provisioner, _url, _dir) = sqlite_provisioner().await;
         for i in 0u64..300_000 {
             let mut key = [0u8; 32];
             key[..8].copy_from_slice(&i.to_le_bytes());
@@ -639,31 +738,20 @@ mod tests {
                 }),
             );
         }
-        let rules = MappingRules {
-            dialect: Dialect::Generic,
-            tenant_claim: ClaimPath::new("tenant_id").unwrap(),
-            roles_claim: ClaimPath::new("roles").unwrap(),
-            id_prefix: None,
-        };
-        let claims = serde_json::json!({"sub": "u1"});
-        let identity = Arc::new(map_claims("iss", claims.as_object().unwrap(), &rules).unwrap());
-        let plan = SyncPlan {
-            tenant: None,
-            role: None,
-            idp_roles_apply: false,
-            origin: Origin::Idp,
-        };
+        let (identity, plan) = (Arc::new(user_identity("u1")), no_tenant());
         for round in 0..10 {
             let old = provisioner.sync(&identity, &plan, None).await.unwrap();
             let stop = Arc::new(AtomicBool::new(false));
+            let reads = Arc::new(AtomicUsize::new(0));
             // An OS thread of its own, so it reads while the invalidation runs (a task could wait for
             // the invalidating one's worker).
             let reader = std::thread::spawn({
-                let (p, identity, plan, stop) = (
+                let (p, identity, plan, stop, reads) = (
                     provisioner.clone(),
                     identity.clone(),
                     plan.clone(),
                     stop.clone(),
+                    reads.clone(),
                 );
                 let runtime = tokio::runtime::Handle::current();
                 move || {
@@ -672,19 +760,21 @@ mod tests {
                         let epoch = p.epoch();
                         let s = runtime.block_on(p.sync(&identity, &plan, None)).unwrap();
                         seen.push((epoch, s));
+                        reads.fetch_add(1, Ordering::Release);
                     }
                     seen
                 }
             });
-            // Let the reader start hitting the entry, then invalidate the user.
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            // Once the reader is hitting the entry, invalidate the user.
+            while reads.load(Ordering::Acquire) < 100 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
             provisioner.invalidate(&Affected::User("u1".into()));
             let current = provisioner.epoch();
             stop.store(true, Ordering::Release);
             let seen = tokio::task::spawn_blocking(move || reader.join().unwrap())
                 .await
                 .unwrap();
-            assert!(seen.len() > 10, "round {round}: the reader barely ran");
             let stale = seen
                 .iter()
                 .filter(|(e, s)| *e == current && Arc::ptr_eq(&s.0, &old.0))
