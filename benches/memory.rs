@@ -170,12 +170,12 @@ async fn main() {
     // The cache itself: what one entry costs before any payload, in idsync's cache (quick_cache) and in
     // moka (what idsync used before; kept here as the measured comparison).
     let key = |i: usize| {
-        let mut k = [0u8; 32];
+        let mut k = [0u8; 16];
         k[..8].copy_from_slice(&(i as u64).to_le_bytes());
         k
     };
     let bare = live();
-    let probe: Bounded<[u8; 32], Arc<Empty>> = Bounded::new(CacheBudget {
+    let probe: Bounded<[u8; 16], Arc<Empty>> = Bounded::new(CacheBudget {
         bytes: 1 << 30,
         entries: n as u64 * 2,
     });
@@ -186,7 +186,7 @@ async fn main() {
     let quick_entry = (live() - bare) as f64 / n as f64;
     drop(probe);
     let bare = live();
-    let moka: moka::future::Cache<[u8; 32], ()> = moka::future::Cache::builder()
+    let moka: moka::future::Cache<[u8; 16], ()> = moka::future::Cache::builder()
         .max_capacity(n as u64 * 2)
         .time_to_live(Duration::from_secs(300))
         .build();
@@ -231,7 +231,7 @@ async fn main() {
         "{n} identities, heap bytes per identity: as requested, and in mimalloc's size classes (idsync's allocator)"
     );
     println!(
-        "  one bare cache entry (32-byte key, no value): idsync's (quick_cache) {quick_entry:.0} bytes, moka {moka_entry:.0} bytes"
+        "  one bare cache entry (16-byte key, no value): idsync's (quick_cache) {quick_entry:.0} bytes, moka {moka_entry:.0} bytes"
     );
     line(
         "token cache (verified token -> identity)",

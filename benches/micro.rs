@@ -15,7 +15,7 @@ use idsync::access::{
 use idsync::http::headers::{self, HeaderNames};
 use idsync::identity::{ClaimPath, Dialect, MappingRules, RoleMap, map_claims};
 use idsync::oidc::{IdpClient, KeyCacheOptions, KeySource, VerifyOptions};
-use idsync::provision::{CacheBudget, Provisioned, Provisioner, SyncOptions};
+use idsync::provision::{CacheBudget, Provisioned, Provisioner, Scope, SyncOptions};
 use serde_json::{Map, Value, json};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -378,12 +378,15 @@ fn header_strip_and_inject(bencher: Bencher) {
         user_id: Some("b2433b81-188f-4c01-b2ed-053bee5391d3".into()),
         email: Some("grace.turing@example.com".into()),
         name: Some("Grace Turing".into()),
-        role: Some("admin".into()),
-        tenant_id: Some("38394337-9aff-503a-b737-e711338283d4".into()),
-        tenant_slug: Some("acme".into()),
+        scope: Scope {
+            role: Some("admin".into()),
+            tenant_id: Some("38394337-9aff-503a-b737-e711338283d4".into()),
+            tenant_slug: Some("acme".into()),
+            ..Default::default()
+        }
+        .into_shared(),
         idp_roles_apply: true,
         synced: true,
-        ..Default::default()
     };
     let roles: Vec<String> = ["default-roles-acme", "admin", "editor"]
         .map(String::from)

@@ -195,7 +195,8 @@ impl Gatekeeper {
             .map(Into::into);
         let issued_at = crate::oidc::numeric_claim(&verified.claims, "iat")
             .ok()
-            .flatten();
+            .flatten()
+            .and_then(std::num::NonZeroI64::new);
         let authenticated = Arc::new(Authenticated {
             identity,
             issuer,
@@ -223,15 +224,12 @@ impl Gatekeeper {
         // The same token asking for the same tenant as last time, nothing invalidated since: the same
         // answer, without deciding again or looking the sync cache up.
         let epoch = self.provisioner.epoch();
-        if let Some(memo) = authenticated.memo.load()
-            && memo.epoch == epoch
-            && memo.requested.as_ref() == requested
-            && std::time::Instant::now() < memo.synced.until()
+        if let Some(synced) = authenticated.memo.recall(epoch, requested)
+            && std::time::Instant::now() < synced.until()
         {
-            self.provisioner
-                .touch(&memo.synced, &authenticated.identity);
+            self.provisioner.touch(&synced, &authenticated.identity);
             return Ok(Admission {
-                view: memo.synced.clone(),
+                view: synced,
                 authenticated,
             });
         }
@@ -272,7 +270,11 @@ impl Gatekeeper {
         };
         match self
             .provisioner
-            .sync(identity, &decision.plan, authenticated.issued_at)
+            .sync(
+                identity,
+                &decision.plan,
+                authenticated.issued_at.map(std::num::NonZeroI64::get),
+            )
             .await
         {
             Ok(synced) => {

@@ -13,7 +13,7 @@
 use super::error::Refusal;
 use crate::identity::{Identity, Origin, RoleMap, RolePlan, StoredMembership, TenantId};
 use crate::provision::naming::short_hash;
-use crate::provision::{Provisioned, SyncPlan, TenantTarget};
+use crate::provision::{Provisioned, Scope, SyncPlan, TenantTarget};
 
 /// What to do with a user token that names no tenant.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -236,15 +236,18 @@ pub fn decide_offline(
         user_id: identity.subject.as_ref().map(|s| s.as_shared().clone()),
         email: identity.email.clone(),
         name: identity.name.clone(),
-        tenant_id: decision.plan.tenant.as_ref().map(|t| t.id.as_str().into()),
-        tenant_name: decision
-            .plan
-            .tenant
-            .as_ref()
-            .map(|t| t.name.as_str().into()),
-        tenant_slug: None,
-        tenant_schema: None,
-        role: decision.role.as_deref().map(Into::into),
+        scope: Scope {
+            tenant_id: decision.plan.tenant.as_ref().map(|t| t.id.as_str().into()),
+            tenant_name: decision
+                .plan
+                .tenant
+                .as_ref()
+                .map(|t| t.name.as_str().into()),
+            tenant_slug: None,
+            tenant_schema: None,
+            role: decision.role.as_deref().map(Into::into),
+        }
+        .into_shared(),
         idp_roles_apply: decision.plan.idp_roles_apply,
         synced: false,
     };
@@ -375,11 +378,11 @@ mod tests {
             }
         );
         let (_, personal) = offline(MissingTenant::Personal).unwrap();
-        assert!(personal.tenant_id.unwrap().starts_with("personal-"));
-        assert_eq!(personal.role.as_deref(), Some("admin"));
+        assert!(personal.tenant_id().unwrap().starts_with("personal-"));
+        assert_eq!(personal.role(), Some("admin"));
         let (_, joined) = offline(MissingTenant::Default(tid("main"))).unwrap();
-        assert_eq!(joined.tenant_id.as_deref(), Some("main"));
-        assert_eq!(joined.role.as_deref(), Some("viewer"));
+        assert_eq!(joined.tenant_id(), Some("main"));
+        assert_eq!(joined.role(), Some("viewer"));
         assert!(!joined.synced);
     }
 

@@ -207,10 +207,10 @@ async fn explain(
                 identity_json = json!({
                     "dialect": identity.dialect,
                     "user": identity.subject,
-                    "tenant": view.and_then(|v| v.tenant_id.clone()),
+                    "tenant": view.and_then(|v| v.tenant_id()),
                     "tenant_looked_for": identity.tenant_sources(),
                     "tenants": identity.tenants,
-                    "role": view.and_then(|v| v.role.clone()),
+                    "role": view.and_then(|v| v.role()),
                     "idp_roles": identity.roles,
                     "email": identity.email,
                     "name": identity.name,

@@ -191,11 +191,11 @@ pub fn set_identity<'a>(
     if v.idp_roles_apply {
         set(&names.user_roles, list(idp_roles.iter()));
     }
-    set(&names.user_role, v.role.as_deref().map(value));
-    set(&names.tenant_id, v.tenant_id.as_deref().map(value));
+    set(&names.user_role, v.role().map(value));
+    set(&names.tenant_id, v.tenant_id().map(value));
     set(&names.tenant_ids, list(tenant_ids));
-    set(&names.tenant_slug, v.tenant_slug.as_deref().map(value));
-    set(&names.tenant_schema, v.tenant_schema.as_deref().map(value));
+    set(&names.tenant_slug, v.tenant_slug().map(value));
+    set(&names.tenant_schema, v.tenant_schema().map(value));
     if !v.synced {
         headers.insert(names.idsync("Synced"), HeaderValue::from_static("false"));
     }
@@ -240,6 +240,17 @@ fn encode(s: &str, in_list: bool) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provision::Scope;
+    use std::sync::Arc;
+
+    fn tenant(id: &str, role: Option<&str>) -> Option<Arc<Scope>> {
+        Scope {
+            tenant_id: Some(id.into()),
+            role: role.map(Into::into),
+            ..Default::default()
+        }
+        .into_shared()
+    }
 
     fn spoofed() -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -321,7 +332,7 @@ mod tests {
         assert_eq!(h["upgrade"], "websocket");
         let view = Provisioned {
             user_id: Some("u-1".into()),
-            tenant_id: Some("t-1".into()),
+            scope: tenant("t-1", None),
             synced: false,
             ..Default::default()
         };
@@ -360,7 +371,7 @@ mod tests {
         strip(&mut h, &names);
         let view = Provisioned {
             user_id: Some("u-1".into()),
-            tenant_id: Some("t-1".into()),
+            scope: tenant("t-1", None),
             idp_roles_apply: true,
             synced: false,
             ..Default::default()
@@ -380,8 +391,7 @@ mod tests {
         let names = HeaderNames::new("X-").unwrap();
         let mut h = HeaderMap::new();
         let view = Provisioned {
-            tenant_id: Some("t-2".into()),
-            role: Some("viewer".into()),
+            scope: tenant("t-2", Some("viewer")),
             idp_roles_apply: false,
             synced: true,
             ..Default::default()

@@ -121,7 +121,7 @@ impl server::Handler for Edge {
                     response.status().as_u16(),
                     error.map(|e| e.code),
                     who.and_then(|w| w.0.user_id.as_deref()),
-                    who.and_then(|w| w.0.tenant_id.as_deref()),
+                    who.and_then(|w| w.0.tenant_id()),
                 );
             }
             log_request(&method, uri.path(), &response, started, trace_id);
@@ -172,7 +172,7 @@ fn log_request(
         path,
         status: response.status().as_u16(),
         user_id: who.and_then(|w| w.0.user_id.as_deref()),
-        tenant_id: who.and_then(|w| w.0.tenant_id.as_deref()),
+        tenant_id: who.and_then(|w| w.0.tenant_id()),
         latency_us: started.elapsed().as_micros() as u64,
         error_id: error.map(|e| e.id.as_str()),
         trace_id,
@@ -276,17 +276,17 @@ async fn active_tenant(
     admitted: &Admission,
 ) -> Result<Option<serde_json::Value>, ApiError> {
     let view = &admitted.view;
-    let Some(id) = &view.tenant_id else {
+    let Some(id) = view.tenant_id() else {
         return Ok(None);
     };
     if !view.synced {
         return Ok(Some(
-            json!({"id": id, "name": view.tenant_name, "slug": null, "is_active": null, "role": view.role}),
+            json!({"id": id, "name": view.tenant_name(), "slug": null, "is_active": null, "role": view.role()}),
         ));
     }
     let org = state.directory.get_organization(id).await?.organization;
     Ok(Some(json!({
-        "id": org.id, "name": org.name, "slug": org.slug, "is_active": org.is_active, "role": view.role,
+        "id": org.id, "name": org.name, "slug": org.slug, "is_active": org.is_active, "role": view.role(),
     })))
 }
 

@@ -40,8 +40,9 @@ pub struct CacheBudget {
 
 impl CacheBudget {
     /// The cache's own cost per entry: key, value slot, hash table, list links and ghost entry
-    /// (quick_cache: 113 bytes measured by benches/memory.rs) plus the value's `Arc` counters.
-    pub const ENTRY_OVERHEAD: usize = 130;
+    /// (quick_cache with 16-byte keys: 87 bytes measured by benches/memory.rs, rounded up). The value's
+    /// `Arc` counters are its own `HeapSize`.
+    pub const ENTRY_OVERHEAD: usize = 96;
 
     pub fn enabled(&self) -> bool {
         self.bytes > 0 && self.entries > 0
@@ -98,16 +99,56 @@ pub struct Provisioned {
     pub user_id: Option<Arc<str>>,
     pub email: Option<Arc<str>>,
     pub name: Option<Arc<str>>,
-    /// The tenant's values and the role are shared by every member's view (`Interner`).
+    /// Where the caller acts and as what; `None` when neither. One record per tenant and role, shared
+    /// by every member's view, so a cached view holds one pointer for it rather than five strings.
+    pub scope: Option<Arc<Scope>>,
+    pub idp_roles_apply: bool,
+    /// `false` when the database was skipped (`--on-db-error pass`).
+    pub synced: bool,
+}
+
+/// The active tenant's values and the caller's app role in it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Scope {
     pub tenant_id: Option<Arc<str>>,
     pub tenant_name: Option<Arc<str>>,
     pub tenant_slug: Option<Arc<str>>,
     pub tenant_schema: Option<Arc<str>>,
     /// The app role in the active tenant.
     pub role: Option<Arc<str>>,
-    pub idp_roles_apply: bool,
-    /// `false` when the database was skipped (`--on-db-error pass`).
-    pub synced: bool,
+}
+
+impl Scope {
+    /// `None` for a scope that says nothing, so a view without one holds a null pointer.
+    pub fn into_shared(self) -> Option<Arc<Scope>> {
+        (self != Self::default()).then(|| Arc::new(self))
+    }
+}
+
+impl Provisioned {
+    fn scoped(&self, part: impl FnOnce(&Scope) -> Option<&Arc<str>>) -> Option<&str> {
+        self.scope.as_deref().and_then(part).map(|s| &**s)
+    }
+
+    pub fn tenant_id(&self) -> Option<&str> {
+        self.scoped(|s| s.tenant_id.as_ref())
+    }
+
+    pub fn tenant_name(&self) -> Option<&str> {
+        self.scoped(|s| s.tenant_name.as_ref())
+    }
+
+    pub fn tenant_slug(&self) -> Option<&str> {
+        self.scoped(|s| s.tenant_slug.as_ref())
+    }
+
+    pub fn tenant_schema(&self) -> Option<&str> {
+        self.scoped(|s| s.tenant_schema.as_ref())
+    }
+
+    pub fn role(&self) -> Option<&str> {
+        self.scoped(|s| s.role.as_ref())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,7 +189,17 @@ impl Affected {
     }
 }
 
-type Key = [u8; 32];
+/// A cache key: the first 128 bits of SHA-256 over the key's parts. Half the bytes of the whole digest in
+/// every slot of the sync, membership and refusal caches; making another caller's key still takes a second
+/// preimage of 128 bits, which no one computes.
+type Key = [u8; 16];
+
+fn digest_key(parts: &[&str]) -> Key {
+    let digest = naming::digest_parts(parts);
+    let mut key = [0; 16];
+    key.copy_from_slice(&digest[..16]);
+    key
+}
 
 /// The view and its bookkeeping in one allocation (one sync-cache entry per identity and tenant).
 struct Cached {
@@ -249,6 +300,7 @@ pub struct Provisioner {
     last_seen: LastSeen,
     /// Tenant values and roles, one copy each however many views carry them.
     interner: crate::identity::shared::Interner<Arc<str>>,
+    scopes: crate::identity::shared::Interner<Arc<Scope>>,
     /// Bumped by every invalidation: what was remembered from an earlier epoch is looked up again.
     epoch: std::sync::atomic::AtomicU64,
     /// First requests' syncs, group-committed. SQLite has one writer at a time: its syncs queue here, in
@@ -283,6 +335,7 @@ impl Provisioner {
             last_seen,
             epoch: std::sync::atomic::AtomicU64::new(0),
             interner: Default::default(),
+            scopes: Default::default(),
             batcher,
         }
     }
@@ -417,11 +470,13 @@ impl Provisioner {
             user_id: user.map(|u| reuse(identity.subject.as_ref().map(|s| s.as_shared()), &u.id)),
             email: user.and_then(|u| Some(reuse(identity.email.as_ref(), u.email.as_deref()?))),
             name: user.and_then(|u| Some(reuse(identity.name.as_ref(), u.name.as_deref()?))),
-            tenant_id: outcome.organization.as_ref().map(|o| shared(&o.id)),
-            tenant_name: outcome.organization.as_ref().map(|o| shared(&o.name)),
-            tenant_slug: outcome.organization.as_ref().map(|o| shared(&o.slug)),
-            tenant_schema: outcome.schema.as_deref().map(shared),
-            role: outcome.membership.as_ref().map(|m| shared(&m.role)),
+            scope: self.scope(Scope {
+                tenant_id: outcome.organization.as_ref().map(|o| shared(&o.id)),
+                tenant_name: outcome.organization.as_ref().map(|o| shared(&o.name)),
+                tenant_slug: outcome.organization.as_ref().map(|o| shared(&o.slug)),
+                tenant_schema: outcome.schema.as_deref().map(shared),
+                role: outcome.membership.as_ref().map(|m| shared(&m.role)),
+            }),
             idp_roles_apply: plan.idp_roles_apply,
             synced: true,
         };
@@ -440,6 +495,14 @@ impl Provisioner {
         Ok(Synced(cached))
     }
 
+    /// The shared copy of `scope` (`None` when it says nothing).
+    fn scope(&self, scope: Scope) -> Option<Arc<Scope>> {
+        if scope == Scope::default() {
+            return None;
+        }
+        Some(self.scopes.intern(&scope, |s| Arc::new(s.clone())))
+    }
+
     /// The user's membership in `tenant` as stored (remembered for the sync-cache TTL when active, for a
     /// few seconds when absent or inactive).
     pub async fn membership(
@@ -447,7 +510,7 @@ impl Provisioner {
         user: &str,
         tenant: &str,
     ) -> Result<Option<StoredMembership>, DbErr> {
-        let key = naming::digest_parts(&[user, tenant, "membership"]);
+        let key = digest_key(&[user, tenant, "membership"]);
         if let Some(hit) = self.members.get(&key) {
             if Instant::now() < hit.until {
                 return Ok(hit.stored.clone());
@@ -487,7 +550,7 @@ impl Provisioner {
         reason: &'static str,
     ) -> Result<(), DbErr> {
         let user = identity.subject.as_ref().map(|s| s.as_str()).unwrap_or("");
-        let key = naming::digest_parts(&[&identity.issuer, user, tenant.unwrap_or(""), reason]);
+        let key = digest_key(&[&identity.issuer, user, tenant.unwrap_or(""), reason]);
         if let Some(r) = self.refusals.get(&key)
             && Instant::now() >= r.until
         {
@@ -544,7 +607,7 @@ impl Provisioner {
         let a = affected;
         self.synced.retain(|_, v| {
             let p = &v.view;
-            !a.covers(p.user_id.as_deref(), p.tenant_id.as_deref())
+            !a.covers(p.user_id.as_deref(), p.tenant_id())
         });
         self.members
             .retain(|_, m| !a.covers(Some(&m.user), Some(&m.tenant)));
@@ -590,7 +653,7 @@ fn reuse(token: Option<&Arc<str>>, stored: &str) -> Arc<str> {
 
 /// The sync cache's key, (issuer, user, tenant), and the fingerprint its entry must match.
 fn cache_key(identity: &Identity, plan: &SyncPlan) -> (Key, u64) {
-    let key = naming::digest_parts(&[
+    let key = digest_key(&[
         &identity.issuer,
         identity.subject.as_ref().map_or("", |s| s.as_str()),
         plan.tenant.as_ref().map_or("", |t| t.id.as_str()),
@@ -673,6 +736,62 @@ mod tests {
         }
     }
 
+    fn member_of(tenant: &str, role: &str) -> SyncPlan {
+        SyncPlan {
+            tenant: Some(TenantTarget {
+                id: tenant.into(),
+                name: format!("{tenant} Inc."),
+            }),
+            role: Some(crate::identity::RolePlan {
+                from_idp: Some(role.into()),
+                fallback: "member".into(),
+            }),
+            idp_roles_apply: true,
+            origin: Origin::Idp,
+        }
+    }
+
+    /// Every member of a tenant with the same role holds one shared record of where and as what, not
+    /// its own five strings; another role is another record, and what the upstream is told is the same.
+    #[tokio::test]
+    async fn members_with_the_same_role_share_one_scope() {
+        let (provisioner, _url, _dir) = sqlite_provisioner().await;
+        let sync = |sub: &'static str, role: &'static str| {
+            let p = provisioner.clone();
+            async move {
+                p.sync(&user_identity(sub), &member_of("acme", role), None)
+                    .await
+                    .unwrap()
+            }
+        };
+        let (a, b, c) = (
+            sync("u1", "admin").await,
+            sync("u2", "admin").await,
+            sync("u3", "viewer").await,
+        );
+        let (sa, sb, sc) = (a.scope.as_ref(), b.scope.as_ref(), c.scope.as_ref());
+        assert!(Arc::ptr_eq(sa.unwrap(), sb.unwrap()));
+        assert!(!Arc::ptr_eq(sa.unwrap(), sc.unwrap()));
+        assert_eq!(
+            (a.tenant_id(), a.tenant_name(), a.role()),
+            (Some("acme"), Some("acme Inc."), Some("admin"))
+        );
+        assert_eq!((c.tenant_id(), c.role()), (Some("acme"), Some("viewer")));
+        assert!(a.tenant_slug().is_some() && a.tenant_schema().is_none());
+        let none = provisioner
+            .sync(&user_identity("u5"), &no_tenant(), None)
+            .await
+            .unwrap();
+        assert!(none.scope.is_none(), "no tenant, no role: a null pointer");
+    }
+
+    /// A sync-cache entry is one allocation of mimalloc's 112-byte class (with the `Arc`'s counters):
+    /// a field that grows it costs every cached identity 16 bytes or more.
+    #[test]
+    fn a_sync_cache_entry_fits_its_size_class() {
+        assert!(16 + std::mem::size_of::<Cached>() <= 112);
+    }
+
     /// A sync in flight while its user is invalidated may have read the rows from before the change;
     /// it inserted its result after the invalidation had removed everything about the user, and that
     /// entry then served the user's other tokens until the TTL. Here the sync waits on SQLite's write
@@ -726,7 +845,7 @@ mod tests {
     async fn nothing_found_under_the_new_epoch_is_what_the_invalidation_removed() {
         let (provisioner, _url, _dir) = sqlite_provisioner().await;
         for i in 0u64..300_000 {
-            let mut key = [0u8; 32];
+            let mut key = [0u8; 16];
             key[..8].copy_from_slice(&i.to_le_bytes());
             provisioner.synced.insert(
                 key,
