@@ -114,45 +114,7 @@ async fn main() {
     for i in registry.iter() {
         i.keys().load_now().await.unwrap();
     }
-    let db_url = format!("sqlite://{}/memory.db?mode=rwc", dir.path().display());
-    let mut opts = sea_orm::ConnectOptions::new(db_url);
-    opts.max_connections(1).sqlx_logging(false);
-    let db = sea_orm::Database::connect(opts).await.unwrap();
-    // A file, not `:memory:`, so rows are not counted as cache; durability is irrelevant to this probe.
-    sea_orm::ConnectionTrait::execute_unprepared(&db, "PRAGMA synchronous = OFF")
-        .await
-        .unwrap();
-    <migration::Migrator as migration::MigratorTrait>::up(&db, None)
-        .await
-        .unwrap();
-    let app_roles: Vec<String> = ["admin", "member", "viewer"].map(String::from).to_vec();
-    let tenant_policy = TenantPolicy {
-        missing: MissingTenant::Reject,
-        roles: RoleMap::new(&app_roles, &[], "member").unwrap(),
-    };
-    let provisioner = Arc::new(Provisioner::new(
-        db,
-        SyncOptions {
-            tenant_schema: None,
-            cache: CacheBudget {
-                bytes: 1 << 30,
-                entries: n as u64 * 2,
-            },
-            cache_ttl: Duration::from_secs(300),
-            last_seen_interval: Duration::from_secs(300),
-            write_timeout: Duration::from_secs(3),
-        },
-    ));
-    let auth = Gatekeeper::new(
-        Arc::new(registry),
-        CacheBudget {
-            bytes: 1 << 40,
-            entries: n as u64 * 2,
-        },
-        tenant_policy,
-        provisioner.clone(),
-        OnDbError::Fail,
-    );
+    let registry = Arc::new(registry);
     // The load benchmark's token shape: a Keycloak access token with a tenant, an email, a username and
     // one role.
     let tokens: Vec<String> = (0..n)
@@ -197,28 +159,39 @@ async fn main() {
     let moka_entry = (live() - bare) as f64 / n as f64;
     drop(moka);
 
-    // Requested bytes and malloc chunk bytes, side by side.
-    let snap = || (live(), CHUNKS.load(Relaxed));
-    let start = snap();
-    let mut identities = Vec::with_capacity(n);
-    for t in &tokens {
-        identities.push(auth.authenticate(t, unix_now()).await.unwrap());
-    }
-    let held_by_vec = (identities.capacity() * std::mem::size_of::<usize>()) as isize;
-    let minus_vec = |(a, b): (isize, isize)| (a - held_by_vec, b - chunk(held_by_vec as usize));
-    let after_tokens = minus_vec(snap());
-    // The rest of a first request, as the proxy makes it: the decision, the sync (sync cache, last-login
-    // bookkeeping) and the token's memo of its admission.
-    for t in &tokens {
-        drop(auth.admit(t, None, unix_now()).await.unwrap());
-    }
-    let after_sync = minus_vec(snap());
-    // Give any deferred work a chance, then measure again: what stays is what is held.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    for t in tokens.iter().take(10) {
-        auth.authenticate(t, unix_now()).await.unwrap();
-    }
-    let settled = minus_vec(snap());
+    let auth = gatekeeper(registry.clone(), dir.path(), "load-shape", n).await;
+    let [start, after_tokens, after_sync, settled] = measure(&auth, &tokens).await;
+    drop(auth);
+    // A Keycloak 26 access token as Keycloak issues it (../shared/claims): a UUID subject, a session id,
+    // the full profile, an organization with its alias, realm and client roles.
+    let keycloak: Vec<String> = (0..n)
+        .map(|u| {
+            let mut c = issuer.claims_for(&format!("{:08x}-5de5-4449-9f8d-bb4d9ca3c76f", u));
+            let obj = c.as_object_mut().unwrap();
+            obj.remove("tenant_id");
+            for (k, v) in json!({
+                "exp": unix_now() + 3600, "auth_time": unix_now(), "aud": "account",
+                "jti": format!("onrtac:{u:08x}-5de5-4449-9f8d-bb4d9ca3c76f"),
+                "sid": format!("{u:08x}-7ed3-402e-b696-573986f92049"), "acr": "1",
+                "allowed-origins": ["https://app.example.com"],
+                "realm_access": {"roles": ["default-roles-acme", "offline_access", "uma_authorization", "admin"]},
+                "resource_access": {"web-app": {"roles": ["editor"]}, "account": {"roles": ["manage-account", "view-profile"]}},
+                "scope": "openid email profile organization", "email_verified": true,
+                "name": format!("Grace Turing {u}"), "preferred_username": format!("grace.turing.{u}"),
+                "given_name": "Grace", "family_name": format!("Turing {u}"),
+                "email": format!("grace.turing.{u}@example.com"),
+                "organization": {format!("org-{}", u % 50): {"id": format!("38394337-9aff-503a-b737-{:012x}", u % 50)}},
+            })
+            .as_object()
+            .unwrap()
+            {
+                obj.insert(k.clone(), v.clone());
+            }
+            issuer.mint(c)
+        })
+        .collect();
+    let auth = gatekeeper(registry, dir.path(), "keycloak-shape", n).await;
+    let [k_start, _, _, k_settled] = measure(&auth, &keycloak).await;
     let per = |b: isize| b as f64 / n as f64;
     let line = |what: &str, (a, b): (isize, isize), (c, d): (isize, isize)| {
         println!(
@@ -244,9 +217,86 @@ async fn main() {
         after_tokens,
     );
     line("all, after housekeeping", settled, start);
+    line("all, a Keycloak 26 token as issued", k_settled, k_start);
     println!(
         "  100,000 identities: {:.1} MiB requested, {:.1} MiB in size classes",
         per(settled.0 - start.0) * 100_000.0 / 1_048_576.0,
         per(settled.1 - start.1) * 100_000.0 / 1_048_576.0
     );
+}
+
+/// A gatekeeper with caches large enough for `n` identities, over its own SQLite file.
+async fn gatekeeper(
+    registry: Arc<IssuerRegistry>,
+    dir: &std::path::Path,
+    name: &str,
+    n: usize,
+) -> Gatekeeper {
+    let db_url = format!("sqlite://{}/{name}.db?mode=rwc", dir.display());
+    let mut opts = sea_orm::ConnectOptions::new(db_url);
+    opts.max_connections(1).sqlx_logging(false);
+    let db = sea_orm::Database::connect(opts).await.unwrap();
+    // A file, not `:memory:`, so rows are not counted as cache; durability is irrelevant to this probe.
+    sea_orm::ConnectionTrait::execute_unprepared(&db, "PRAGMA synchronous = OFF")
+        .await
+        .unwrap();
+    <migration::Migrator as migration::MigratorTrait>::up(&db, None)
+        .await
+        .unwrap();
+    let app_roles: Vec<String> = ["admin", "member", "viewer"].map(String::from).to_vec();
+    let tenant_policy = TenantPolicy {
+        missing: MissingTenant::Reject,
+        roles: RoleMap::new(&app_roles, &[], "member").unwrap(),
+    };
+    let provisioner = Arc::new(Provisioner::new(
+        db,
+        SyncOptions {
+            tenant_schema: None,
+            cache: CacheBudget {
+                bytes: 1 << 30,
+                entries: n as u64 * 2,
+            },
+            cache_ttl: Duration::from_secs(300),
+            last_seen_interval: Duration::from_secs(300),
+            write_timeout: Duration::from_secs(3),
+        },
+    ));
+    Gatekeeper::new(
+        registry,
+        CacheBudget {
+            bytes: 1 << 40,
+            entries: n as u64 * 2,
+        },
+        tenant_policy,
+        provisioner.clone(),
+        OnDbError::Fail,
+    )
+}
+
+/// The heap a gatekeeper holds for `tokens` (requested bytes, size-class bytes): before, after verifying
+/// them, after admitting them (sync cache, last-login bookkeeping, memos), and once deferred work settled.
+async fn measure(auth: &Gatekeeper, tokens: &[String]) -> [(isize, isize); 4] {
+    let snap = || (live(), CHUNKS.load(Relaxed));
+    let start = snap();
+    let mut identities = Vec::with_capacity(tokens.len());
+    for t in tokens {
+        identities.push(auth.authenticate(t, unix_now()).await.unwrap());
+    }
+    let held_by_vec = (identities.capacity() * std::mem::size_of::<usize>()) as isize;
+    let minus_vec = |(a, b): (isize, isize)| (a - held_by_vec, b - chunk(held_by_vec as usize));
+    let after_tokens = minus_vec(snap());
+    // The rest of a first request, as the proxy makes it: the decision, the sync (sync cache, last-login
+    // bookkeeping) and the token's memo of its admission.
+    for t in tokens {
+        drop(auth.admit(t, None, unix_now()).await.unwrap());
+    }
+    let after_sync = minus_vec(snap());
+    // Give any deferred work a chance, then measure again: what stays is what is held.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for t in tokens.iter().take(10) {
+        auth.authenticate(t, unix_now()).await.unwrap();
+    }
+    let settled = minus_vec(snap());
+    drop(identities);
+    [start, after_tokens, after_sync, settled]
 }

@@ -192,7 +192,7 @@ impl Gatekeeper {
             .get("sid")
             .and_then(serde_json::Value::as_str)
             .filter(|s| s.len() <= 256)
-            .map(Into::into);
+            .map(tokens::SessionKey::of);
         let issued_at = crate::oidc::numeric_claim(&verified.claims, "iat")
             .ok()
             .flatten()

@@ -1,7 +1,7 @@
 //! The sessions and users whose tokens are refused before their `exp`, in memory, checked on every
 //! request (cached tokens included). When nothing is revoked, the check is one atomic load.
 
-use super::tokens::Authenticated;
+use super::tokens::{Authenticated, SessionKey};
 use crate::provision::revocations::{Revocation, Revoked};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
@@ -10,7 +10,7 @@ use std::sync::Arc;
 /// Per issuer: ended sessions (sid -> until, Unix seconds) and users (sub -> not before, until).
 #[derive(Default)]
 struct Snapshot {
-    sessions: HashMap<String, HashMap<String, i64>>,
+    sessions: HashMap<String, HashMap<SessionKey, i64>>,
     users: HashMap<String, HashMap<String, (i64, i64)>>,
 }
 
@@ -27,7 +27,7 @@ impl Snapshot {
                     .sessions
                     .entry(r.issuer.clone())
                     .or_default()
-                    .entry(sid.clone())
+                    .entry(SessionKey::of(sid))
                     .or_insert(until);
                 *e = (*e).max(until);
             }
@@ -58,8 +58,8 @@ impl RevocationSet {
             return false;
         }
         let issuer: &str = &a.issuer.name;
-        if let (Some(sid), Some(sessions)) = (a.sid.as_deref(), snap.sessions.get(issuer))
-            && sessions.get(sid).is_some_and(|until| *until > now)
+        if let (Some(sid), Some(sessions)) = (a.sid, snap.sessions.get(issuer))
+            && sessions.get(&sid).is_some_and(|until| *until > now)
         {
             return true;
         }

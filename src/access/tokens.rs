@@ -17,7 +17,7 @@ pub struct Authenticated {
     pub key: KeyFingerprint,
     pub expires_at: i64,
     /// The IdP session the token belongs to (`sid`), for back-channel logout.
-    pub sid: Option<Box<str>>,
+    pub sid: Option<SessionKey>,
     /// `iat`, for logouts that end every token of a user issued before them. An `iat` of 0 counts as
     /// none (a revocation treats both alike: such a token cannot show it came after a logout).
     pub issued_at: Option<std::num::NonZeroI64>,
@@ -73,6 +73,23 @@ impl std::fmt::Debug for Issuer {
 /// The first 128 bits of the token's SHA-256: half a full digest in every slot, and a token that finds
 /// another's entry still takes a second preimage of 128 bits. The token itself is never kept.
 pub type TokenKey = [u8; 16];
+
+/// A session id (`sid`) as a keyed 64-bit hash: 8 bytes inline instead of a copy of the string in every
+/// cached token (Keycloak puts one in each). The key is random per process, so no one can make two
+/// session ids collide on purpose; a chance collision only refuses a token of a session still open (401,
+/// the client signs in again), never admits one whose session ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SessionKey(std::num::NonZeroU64);
+
+impl SessionKey {
+    pub fn of(sid: &str) -> Self {
+        use std::hash::BuildHasher;
+        static KEY: std::sync::LazyLock<std::hash::RandomState> =
+            std::sync::LazyLock::new(std::hash::RandomState::new);
+        let h = KEY.hash_one(sid);
+        Self(std::num::NonZeroU64::new(h).unwrap_or(std::num::NonZeroU64::MIN))
+    }
+}
 
 pub fn token_key(token: &str) -> TokenKey {
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());

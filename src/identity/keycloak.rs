@@ -52,7 +52,8 @@ pub(super) fn map(
         identity.extras_mut().tenant_names = orgs
             .into_iter()
             .filter_map(|(id, alias)| Some((id, alias?)))
-            .collect();
+            .collect::<Vec<_>>()
+            .into();
     }
     Ok(identity)
 }

@@ -193,7 +193,8 @@ pub struct Extras {
     pub family_name: Option<Box<str>>,
     pub avatar_url: Option<Box<str>>,
     /// Display names the token gives for tenants (Keycloak organization aliases).
-    pub tenant_names: Vec<(TenantId, String)>,
+    /// Shared like the tenant lists: the members of the same organizations hold one copy.
+    pub tenant_names: Arc<[(TenantId, String)]>,
     pub permissions: Arc<[String]>,
     /// Boxed: a JSON value is larger than all the other fields together.
     pub metadata: Option<Box<Value>>,
@@ -381,7 +382,8 @@ pub fn map_claims(
                 .tenant_names
                 .iter()
                 .map(|(t, n)| Ok((tenant(t)?, n.clone())))
-                .collect::<Result<_, IdentityError>>()?;
+                .collect::<Result<Vec<_>, IdentityError>>()?
+                .into();
         }
     }
     // Kept only to explain a missing tenant; a found one makes it noise in every cached identity.
@@ -410,7 +412,6 @@ pub fn map_claims(
         if **extras == Extras::default() {
             identity.extras = None;
         } else {
-            extras.tenant_names.shrink_to_fit();
             extras.tenant_sources.shrink_to_fit();
         }
     }

@@ -79,6 +79,7 @@ pub struct SharedParts {
     tenants: Interner<TenantId>,
     tenant_lists: Interner<Arc<[TenantId]>>,
     lists: Interner<Arc<[String]>>,
+    names: Interner<Arc<[(TenantId, String)]>>,
 }
 
 impl SharedParts {
@@ -93,8 +94,11 @@ impl SharedParts {
         }
         identity.roles = self.list(&identity.roles);
         if let Some(extras) = &mut identity.extras {
-            for (id, _) in &mut extras.tenant_names {
-                *id = self.tenant(id);
+            if !extras.tenant_names.is_empty() {
+                let names: Vec<(TenantId, String)> = (extras.tenant_names.iter())
+                    .map(|(id, name)| (self.tenant(id), name.clone()))
+                    .collect();
+                extras.tenant_names = self.names.intern(&names[..], |n| Arc::from(n));
             }
             extras.permissions = self.list(&extras.permissions);
         }
@@ -145,6 +149,35 @@ mod tests {
         let mut other = identity("u3", "globex");
         parts.share(&mut other);
         assert!(!Arc::ptr_eq(&a.tenants, &other.tenants));
+    }
+
+    /// Keycloak names each organization (its alias) in every member's token: one copy of the names
+    /// however many members are cached.
+    #[test]
+    fn organization_names_become_one_copy() {
+        let rules = MappingRules {
+            dialect: Dialect::Keycloak,
+            tenant_claim: ClaimPath::new("tenant_id").unwrap(),
+            roles_claim: ClaimPath::new("roles").unwrap(),
+            id_prefix: None,
+        };
+        let member = |sub: &str| {
+            let claims = json!({"sub": sub, "organization": {"acme": {"id": "org-1"}}});
+            map_claims("iss", claims.as_object().unwrap(), &rules).unwrap()
+        };
+        let parts = SharedParts::default();
+        let (mut a, mut b) = (member("u1"), member("u2"));
+        let before = a.clone();
+        parts.share(&mut a);
+        parts.share(&mut b);
+        assert_eq!(a, before, "sharing changes no value");
+        assert_eq!(a.tenant_name("org-1"), Some("acme"));
+        let names = |i: &Identity| i.extras.as_ref().unwrap().tenant_names.clone();
+        assert!(Arc::ptr_eq(&names(&a), &names(&b)));
+        assert!(Arc::ptr_eq(
+            names(&a)[0].0.as_shared(),
+            a.tenant.as_ref().unwrap().as_shared()
+        ));
     }
 
     /// Shared or not, a cached identity weighs its tenant list: the cache's byte bound has to hold when
