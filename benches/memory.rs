@@ -211,11 +211,7 @@ async fn main() {
         after_tokens,
         start,
     );
-    line(
-        "sync cache, last-login, admission memo",
-        after_sync,
-        after_tokens,
-    );
+    line("sync cache, last-login", after_sync, after_tokens);
     line("all, after housekeeping", settled, start);
     line("all, a Keycloak 26 token as issued", k_settled, k_start);
     println!(

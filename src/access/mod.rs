@@ -195,8 +195,7 @@ impl Gatekeeper {
             .map(tokens::SessionKey::of);
         let issued_at = crate::oidc::numeric_claim(&verified.claims, "iat")
             .ok()
-            .flatten()
-            .and_then(std::num::NonZeroI64::new);
+            .flatten();
         let authenticated = Arc::new(Authenticated {
             identity,
             issuer,
@@ -270,18 +269,19 @@ impl Gatekeeper {
         };
         match self
             .provisioner
-            .sync(
-                identity,
-                &decision.plan,
-                authenticated.issued_at.map(std::num::NonZeroI64::get),
-            )
+            .sync(identity, &decision.plan, authenticated.issued_at)
             .await
         {
             Ok(synced) => {
                 let view = synced.clone();
                 if self.provisioner.caching() {
                     authenticated.memo.store(tokens::Memo {
-                        requested: requested.cloned(),
+                        // The identity's shared copy when the token lists the tenant, rather than
+                        // keeping this request's header copy alive for the token's lifetime.
+                        requested: requested.map(|r| {
+                            let listed = identity.tenants.iter().find(|t| *t == r);
+                            listed.unwrap_or(r).clone()
+                        }),
                         epoch,
                         synced,
                     });

@@ -18,9 +18,8 @@ pub struct Authenticated {
     pub expires_at: i64,
     /// The IdP session the token belongs to (`sid`), for back-channel logout.
     pub sid: Option<SessionKey>,
-    /// `iat`, for logouts that end every token of a user issued before them. An `iat` of 0 counts as
-    /// none (a revocation treats both alike: such a token cannot show it came after a logout).
-    pub issued_at: Option<std::num::NonZeroI64>,
+    /// `iat`, for logouts that end every token of a user issued before them.
+    pub issued_at: Option<i64>,
     /// The last admission of this token, so a repeated request skips the decision and the sync lookup.
     pub memo: MemoSlot,
 }
@@ -35,7 +34,8 @@ pub struct Memo {
 }
 
 /// Inline in the cached token rather than a pointer to a separate allocation: one allocation fewer per
-/// cached identity. The lock is held only to compare and copy a pointer.
+/// cached identity. The lock is held to compare the requested tenant and clone or swap the memo, never
+/// while anything is freed.
 #[derive(Default)]
 pub struct MemoSlot(std::sync::Mutex<Option<Memo>>);
 
@@ -52,9 +52,8 @@ impl MemoSlot {
     }
 
     pub fn store(&self, memo: Memo) {
-        if let Ok(mut slot) = self.0.lock() {
-            *slot = Some(memo);
-        }
+        // The memo replaced may hold the last reference to a sync entry: dropped after unlocking.
+        let _replaced = self.0.lock().ok().and_then(|mut slot| slot.replace(memo));
     }
 }
 
@@ -106,8 +105,10 @@ pub struct TokenCache {
 
 impl HeapSize for Authenticated {
     fn heap_size(&self) -> usize {
-        // The memo is inline; the synced entry it points to is the sync cache's.
-        std::mem::size_of::<Self>() + self.identity.heap_size()
+        // The memo is inline and the synced entry it points to is the sync cache's; the tenant it was
+        // asked for is the identity's own copy, or (a tenant reached through a stored membership
+        // only) the request's: an allowance of a UUID's length for that.
+        std::mem::size_of::<Self>() + self.identity.heap_size() + 56
     }
 }
 

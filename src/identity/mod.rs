@@ -317,6 +317,7 @@ impl Extras {
             + boxed(&self.given_name)
             + boxed(&self.family_name)
             + boxed(&self.avatar_url)
+            + 16
             + self
                 .tenant_names
                 .iter()

@@ -39,10 +39,11 @@ pub struct CacheBudget {
 }
 
 impl CacheBudget {
-    /// The cache's own cost per entry: key, value slot, hash table, list links and ghost entry
-    /// (quick_cache with 16-byte keys: 87 bytes measured by benches/memory.rs, rounded up). The value's
-    /// `Arc` counters are its own `HeapSize`.
-    pub const ENTRY_OVERHEAD: usize = 96;
+    /// The cache's own cost per entry: key, value slot, hash table and list links. quick_cache with
+    /// 16-byte keys: 87 bytes measured by benches/memory.rs (tables grown by doubling, part-filled), about
+    /// 106 just after a doubling, and a cache that evicts also keeps its recently evicted keys (ghosts)
+    /// in the same slots; 128 covers the worst of these. The value's `Arc` counters are its own `HeapSize`.
+    pub const ENTRY_OVERHEAD: usize = 128;
 
     pub fn enabled(&self) -> bool {
         self.bytes > 0 && self.entries > 0
@@ -255,10 +256,18 @@ impl HeapSize for Cached {
     fn heap_size(&self) -> usize {
         let p = &self.view;
         let opt = |s: &Option<Arc<str>>| s.as_ref().map_or(0, |s| s.len() + 16);
-        // The tenant's strings and the role are shared, counted once per tenant rather than per view.
-        // The user's are usually the token entry's too, but counted here as well: the bound must hold
-        // when they are not.
-        std::mem::size_of::<Self>() + opt(&p.user_id) + opt(&p.email) + opt(&p.name)
+        // The scope is usually shared by every member of a tenant with the same role, and the user's
+        // strings with the token entry; each is counted here all the same: the bound must hold when
+        // they are not (one tenant per user, `--missing-tenant personal`).
+        let scope = p.scope.as_deref().map_or(0, |s| {
+            16 + std::mem::size_of::<Scope>()
+                + opt(&s.tenant_id)
+                + opt(&s.tenant_name)
+                + opt(&s.tenant_slug)
+                + opt(&s.tenant_schema)
+                + opt(&s.role)
+        });
+        std::mem::size_of::<Self>() + opt(&p.user_id) + opt(&p.email) + opt(&p.name) + scope
     }
 }
 
@@ -783,6 +792,37 @@ mod tests {
             .await
             .unwrap();
         assert!(none.scope.is_none(), "no tenant, no role: a null pointer");
+    }
+
+    /// A view's scope is shared by the members of a tenant with the same role, but a tenant per user
+    /// (`--missing-tenant personal`) gives each view its own: the weight counts it, so the byte bound
+    /// holds either way.
+    #[test]
+    fn a_synced_view_weighs_its_scope() {
+        let cached = |scope: Option<Arc<Scope>>| Cached {
+            view: Provisioned {
+                scope,
+                ..Default::default()
+            },
+            fingerprint: 0,
+            last_login: Stamp::written_at(Utc::now()),
+            until: Instant::now(),
+        };
+        let long = |c: char| Some(Arc::from(c.to_string().repeat(200)));
+        let scope = Scope {
+            tenant_id: long('i'),
+            tenant_name: long('n'),
+            tenant_slug: long('s'),
+            tenant_schema: long('c'),
+            role: long('r'),
+        };
+        let (bare, scoped) = (cached(None), cached(scope.into_shared()));
+        assert!(
+            scoped.heap_size() >= bare.heap_size() + std::mem::size_of::<Scope>() + 5 * 200,
+            "{} vs {}",
+            scoped.heap_size(),
+            bare.heap_size()
+        );
     }
 
     /// A sync-cache entry is one allocation of mimalloc's 112-byte class (with the `Arc`'s counters):
