@@ -55,7 +55,7 @@ impl std::fmt::Debug for WebhookSecret {
 /// A trusted issuer.
 pub struct Issuer {
     /// The exact `iss`; every identity of this issuer shares this one copy.
-    pub name: Arc<str>,
+    pub name: crate::identity::SharedStr,
     pub rules: MappingRules,
     pub trust: IssuerTrust,
     pub logout_audiences: Vec<String>,
@@ -86,7 +86,7 @@ impl IssuerRegistry {
         let issuers = specs
             .iter()
             .map(|spec| {
-                let name: Arc<str> = Arc::from(spec.issuer.as_str());
+                let name = crate::identity::SharedStr::from(spec.issuer.as_str());
                 let keys = Arc::new(IssuerKeys::new(
                     spec.issuer.clone(),
                     keys_from.unwrap_or(&spec.source).clone(),
@@ -104,7 +104,7 @@ impl IssuerRegistry {
                     logout_audiences: spec.logout_audiences.clone(),
                     webhook_secret: spec.webhook_secret.clone(),
                     trust: IssuerTrust {
-                        issuer: name,
+                        issuer: Arc::from(spec.issuer.as_str()),
                         audiences: spec.audiences.clone(),
                         authorized_parties: spec.authorized_parties.clone(),
                         require_typ: spec.require_typ.clone(),

@@ -53,7 +53,7 @@ impl From<store::StoreError> for LifecycleError {
 /// What a logout did.
 #[derive(Debug)]
 pub struct LoggedOut {
-    pub issuer: Arc<str>,
+    pub issuer: crate::identity::SharedStr,
     pub revoked: Revoked,
 }
 

@@ -15,6 +15,11 @@ use serde_json::{Map, Value};
 use std::fmt;
 use std::sync::Arc;
 
+/// An immutable shared string in one pointer (8 bytes, its length in the allocation) where `Arc<str>`
+/// takes two: every id and profile string of a cached identity and of a synced view is one, so each
+/// such field costs half as much in every cache entry.
+pub type SharedStr = arcstr::ArcStr;
+
 pub use claims::ClaimPath;
 pub use membership::{Origin, RolePlan, RoleSource, StoredMembership};
 pub use roles::{RoleMap, RoleMapError};
@@ -111,7 +116,7 @@ macro_rules! idp_id {
         $(#[$doc])*
         #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
         #[serde(transparent)]
-        pub struct $name(Arc<str>);
+        pub struct $name(SharedStr);
 
         impl $name {
             /// Validates `raw` as read from `claim` (named in the error).
@@ -125,7 +130,7 @@ macro_rules! idp_id {
             }
 
             /// The shared string itself.
-            pub fn as_shared(&self) -> &Arc<str> {
+            pub fn as_shared(&self) -> &SharedStr {
                 &self.0
             }
         }
@@ -163,7 +168,7 @@ idp_id!(
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Identity {
     /// Shared by every identity of the same issuer.
-    pub issuer: Arc<str>,
+    pub issuer: SharedStr,
     pub dialect: Dialect,
     /// `None` only for tenant-level tokens (Frontegg `tenantApiToken`/`tenantAccessToken`).
     pub subject: Option<Subject>,
@@ -173,11 +178,11 @@ pub struct Identity {
     /// lists, are shared by every identity that carries the same one ([`shared::SharedParts`]).
     pub tenants: Arc<[TenantId]>,
     /// Reference-counted so the synced view can share them rather than copy.
-    pub email: Option<Arc<str>>,
+    pub email: Option<SharedStr>,
     pub email_verified: Option<bool>,
-    pub name: Option<Arc<str>>,
+    pub name: Option<SharedStr>,
     /// Every Keycloak token has one; `name` falls back to it (the same string, shared).
-    pub username: Option<Arc<str>>,
+    pub username: Option<SharedStr>,
     /// Raw IdP roles, in token order, without duplicates.
     pub roles: Arc<[String]>,
     /// The rest of the profile and the rarer parts; `None` when the token carries none of them, so a
@@ -206,7 +211,7 @@ pub struct Extras {
 impl Default for Identity {
     fn default() -> Self {
         Self {
-            issuer: Arc::from(""),
+            issuer: SharedStr::default(),
             dialect: Dialect::Generic,
             subject: None,
             tenant: None,
@@ -273,12 +278,12 @@ impl Identity {
     /// but are counted as if owned: the bound must hold even when every cached token carries a list of
     /// its own (a user in 200 tenants of their own, say).
     pub fn heap_size(&self) -> usize {
-        let shared = |s: &Option<Arc<str>>| s.as_ref().map_or(0, |s| s.len() + 16);
+        let shared = |s: &Option<SharedStr>| s.as_ref().map_or(0, |s| s.len() + 16);
         let id = |t: &TenantId| t.as_str().len() + 16;
         let tenants = 16 + self.tenants.iter().map(|t| 16 + id(t)).sum::<usize>();
         let list = |l: &[String]| 16 + l.iter().map(|r| r.len() + 24).sum::<usize>();
         let username = match (&self.username, &self.name) {
-            (Some(u), Some(n)) if Arc::ptr_eq(u, n) => 0,
+            (Some(u), Some(n)) if SharedStr::ptr_eq(u, n) => 0,
             _ => shared(&self.username),
         };
         shared(&self.email)
@@ -355,7 +360,7 @@ impl IdentityError {
 
 /// Maps verified claims to an identity under `rules`. `issuer` is the configured issuer the token matched.
 pub fn map_claims(
-    issuer: impl Into<Arc<str>>,
+    issuer: impl Into<SharedStr>,
     claims: &Map<String, Value>,
     rules: &MappingRules,
 ) -> Result<Identity, IdentityError> {

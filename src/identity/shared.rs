@@ -34,6 +34,13 @@ impl<T: ?Sized + Eq + Hash> Shareable for Arc<T> {
     }
 }
 
+impl Shareable for super::SharedStr {
+    fn in_use(&self) -> bool {
+        // A literal (no count) lives for ever anyway.
+        Self::strong_count(self).is_none_or(|n| n > 1)
+    }
+}
+
 impl Shareable for TenantId {
     fn in_use(&self) -> bool {
         self.as_shared().in_use()
@@ -119,7 +126,7 @@ impl SharedParts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{ClaimPath, Dialect, MappingRules, map_claims};
+    use crate::identity::{ClaimPath, Dialect, MappingRules, SharedStr, map_claims};
     use serde_json::json;
 
     fn identity(sub: &str, tenant: &str) -> Identity {
@@ -142,10 +149,10 @@ mod tests {
         parts.share(&mut b);
         assert_eq!(a, before, "sharing changes no value");
         let (ta, tb) = (a.tenant.as_ref().unwrap(), b.tenant.as_ref().unwrap());
-        assert!(Arc::ptr_eq(ta.as_shared(), tb.as_shared()));
+        assert!(SharedStr::ptr_eq(ta.as_shared(), tb.as_shared()));
         assert!(Arc::ptr_eq(&a.tenants, &b.tenants));
         assert!(Arc::ptr_eq(&a.roles, &b.roles));
-        assert!(Arc::ptr_eq(a.tenants[0].as_shared(), ta.as_shared()));
+        assert!(SharedStr::ptr_eq(a.tenants[0].as_shared(), ta.as_shared()));
         let mut other = identity("u3", "globex");
         parts.share(&mut other);
         assert!(!Arc::ptr_eq(&a.tenants, &other.tenants));
@@ -174,7 +181,7 @@ mod tests {
         assert_eq!(a.tenant_name("org-1"), Some("acme"));
         let names = |i: &Identity| i.extras.as_ref().unwrap().tenant_names.clone();
         assert!(Arc::ptr_eq(&names(&a), &names(&b)));
-        assert!(Arc::ptr_eq(
+        assert!(SharedStr::ptr_eq(
             names(&a)[0].0.as_shared(),
             a.tenant.as_ref().unwrap().as_shared()
         ));
@@ -227,7 +234,7 @@ mod tests {
         }
         let mut again = identity("v", "kept");
         parts.share(&mut again);
-        assert!(Arc::ptr_eq(
+        assert!(SharedStr::ptr_eq(
             held.tenant.as_ref().unwrap().as_shared(),
             again.tenant.as_ref().unwrap().as_shared()
         ));

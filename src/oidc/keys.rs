@@ -141,9 +141,11 @@ fn b64url(s: &str) -> Option<Vec<u8>> {
     base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, s).ok()
 }
 
-/// The first 128 bits of a SHA-256 over a key's public parameters.
+/// The first 64 bits of a SHA-256 over a key's public parameters. It only tells apart the few keys an
+/// issuer publishes over time (a cached token names the one that verified it), and no one chooses the
+/// keys an IdP publishes, so two match by chance only (1 in 2^64); 8 bytes in every cached token.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct KeyFingerprint([u8; 16]);
+pub struct KeyFingerprint([u8; 8]);
 
 impl KeyFingerprint {
     fn of(parts: &[&[u8]]) -> Self {
@@ -153,8 +155,8 @@ impl KeyFingerprint {
             ctx.update(&(p.len() as u64).to_be_bytes());
             ctx.update(p);
         }
-        let mut out = [0u8; 16];
-        out.copy_from_slice(&ctx.finish().as_ref()[..16]);
+        let mut out = [0u8; 8];
+        out.copy_from_slice(&ctx.finish().as_ref()[..8]);
         Self(out)
     }
 }
