@@ -385,6 +385,9 @@ pub struct Settings {
 }
 
 /// Parses `500ms`, `30s`, `10m`, `24h`, `7d`, or a bare number of seconds.
+/// The longest duration a flag takes.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86400);
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -392,18 +395,31 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("`{s}` is not a duration (e.g. 500ms, 30s, 10m, 24h)"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        "d" => Duration::from_secs(n * 86400),
+    let (per_unit, millis) = match unit {
+        "ms" => (1, true),
+        "" | "s" => (1, false),
+        "m" => (60, false),
+        "h" => (3600, false),
+        "d" => (86400, false),
         _ => {
             return Err(format!(
                 "`{s}` has an unknown unit `{unit}` (use ms, s, m, h or d)"
             ));
         }
     };
+    // Durations are added to clock readings (a cache entry's deadline): one past what a clock can hold
+    // would overflow there, on a request, instead of being refused here.
+    let d = n
+        .checked_mul(per_unit)
+        .map(|n| {
+            if millis {
+                Duration::from_millis(n)
+            } else {
+                Duration::from_secs(n)
+            }
+        })
+        .filter(|d| *d <= MAX_DURATION)
+        .ok_or_else(|| format!("`{s}` is longer than 100 years"))?;
     Ok(d)
 }
 
@@ -1319,6 +1335,25 @@ mod tests {
         assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
         assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
         assert!(parse_duration("10 minutes").is_err());
+    }
+
+    /// `18446744073709551615m` overflowed the multiplication (a panic, or a wrong duration in a release
+    /// build), and a duration of `u64::MAX` seconds panicked when the first sync added it to the clock.
+    #[test]
+    fn durations_past_a_century_are_refused() {
+        for raw in [
+            "18446744073709551615m",
+            "18446744073709551615s",
+            "36501d",
+            "1000000h",
+        ] {
+            let e = parse_duration(raw).unwrap_err();
+            assert!(e.contains("longer than 100 years"), "{raw}: {e}");
+        }
+        assert_eq!(
+            parse_duration("36500d").unwrap(),
+            Duration::from_secs(36500 * 86400)
+        );
     }
 
     #[test]

@@ -16,8 +16,9 @@ use std::fmt;
 use std::sync::Arc;
 
 /// An immutable shared string in one pointer (8 bytes, its length in the allocation) where `Arc<str>`
-/// takes two: every id and profile string of a cached identity and of a synced view is one, so each
-/// such field costs half as much in every cache entry.
+/// takes two: the ids, email, name and username of a cached identity and the strings of a synced view
+/// are one, so each such field costs half as much in every cache entry. (The rarer profile parts in
+/// [`Extras`] and the list items stay owned strings: they are boxed or shared already.)
 pub type SharedStr = arcstr::ArcStr;
 
 pub use claims::ClaimPath;

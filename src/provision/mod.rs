@@ -225,7 +225,9 @@ impl Deadline {
     /// `ttl` from now.
     fn after(ttl: Duration) -> Self {
         let base = Self::base();
-        let at = Instant::now().saturating_duration_since(base) + ttl;
+        let at = Instant::now()
+            .saturating_duration_since(base)
+            .saturating_add(ttl);
         Self(u64::try_from(at.as_nanos()).unwrap_or(u64::MAX))
     }
 
@@ -846,6 +848,14 @@ mod tests {
             scoped.heap_size(),
             bare.heap_size()
         );
+    }
+
+    /// A deadline saturates rather than overflowing the clock; one of now has passed.
+    #[test]
+    fn deadlines_saturate_and_now_has_passed() {
+        assert!(!Deadline::after(Duration::MAX).passed());
+        assert!(Deadline::after(Duration::ZERO).passed());
+        assert!(!Deadline::after(Duration::from_secs(60)).passed());
     }
 
     /// A sync-cache entry is one allocation of mimalloc's 80-byte class (with the `Arc`'s counters):
