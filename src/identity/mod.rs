@@ -281,7 +281,10 @@ impl Identity {
     pub fn heap_size(&self) -> usize {
         let shared = |s: &Option<SharedStr>| s.as_ref().map_or(0, |s| s.len() + 16);
         let id = |t: &TenantId| t.as_str().len() + 16;
-        let tenants = 16 + self.tenants.iter().map(|t| 16 + id(t)).sum::<usize>();
+        let tenants = 16
+            + (self.tenants.iter())
+                .map(|t| std::mem::size_of::<TenantId>() + id(t))
+                .sum::<usize>();
         let list = |l: &[String]| 16 + l.iter().map(|r| r.len() + 24).sum::<usize>();
         let username = match (&self.username, &self.name) {
             (Some(u), Some(n)) if SharedStr::ptr_eq(u, n) => 0,
@@ -327,7 +330,9 @@ impl Extras {
             + self
                 .tenant_names
                 .iter()
-                .map(|(t, n)| t.as_str().len() + 16 + n.capacity() + 40)
+                .map(|(t, n)| {
+                    t.as_str().len() + 16 + n.capacity() + std::mem::size_of::<(TenantId, String)>()
+                })
                 .sum::<usize>()
             + 16
             + self.permissions.iter().map(|p| p.len() + 24).sum::<usize>()
