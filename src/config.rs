@@ -384,10 +384,10 @@ pub struct Settings {
     pub logout_retention: Duration,
 }
 
-/// Parses `500ms`, `30s`, `10m`, `24h`, `7d`, or a bare number of seconds.
 /// The longest duration a flag takes.
 const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86400);
 
+/// Parses `500ms`, `30s`, `10m`, `24h`, `7d`, or a bare number of seconds, up to 100 years.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
