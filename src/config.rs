@@ -96,6 +96,13 @@ pub struct ServeArgs {
     #[arg(long, env = "IDSYNC_DATABASE_TIMEOUT", default_value = "3s")]
     pub database_timeout: String,
 
+    /// Threads that serve requests; 0 takes the CPUs this process may use (its affinity and its
+    /// cgroup's CPU quota, so a pod limited to 1 CPU gets 1). With 1, every task runs on one thread
+    /// (tokio's current-thread scheduler), which measured less CPU per request than one worker of the
+    /// multi-threaded scheduler.
+    #[arg(long, env = "IDSYNC_WORKER_THREADS", default_value = "0", value_parser = clap::value_parser!(u16).range(0..=1024))]
+    pub worker_threads: u16,
+
     /// Log format: text or json.
     #[arg(long, env = "IDSYNC_LOG_FORMAT", default_value = "text")]
     pub log_format: String,

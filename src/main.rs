@@ -32,13 +32,35 @@ extern "C" fn no_transparent_huge_pages() {
     let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     // Again, for C libraries that skip preinit arrays (musl): the flag is idempotent and still covers
     // every page the heap touches from here on.
     #[cfg(target_os = "linux")]
     no_transparent_huge_pages();
     let cli = Cli::parse();
+    let workers = match cli.worker_threads() {
+        0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        n => usize::from(n),
+    };
+    // One thread: the current-thread scheduler (no work-stealing queues or cross-thread wakeups to
+    // pay for when there is no other worker to steal); more: the multi-threaded one.
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    match builder.enable_all().build() {
+        Ok(runtime) => runtime.block_on(run(cli, workers)),
+        Err(e) => {
+            eprintln!("idsync cannot start its runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli, workers: usize) -> ExitCode {
     let db = &cli.db;
     let args = match cli.command {
         Some(Command::Serve(args)) => *args,
@@ -78,6 +100,7 @@ async fn main() -> ExitCode {
     tracing::info!(
         proxy = %app.proxy_addr(),
         admin = %app.admin_addr(),
+        workers,
         upstream = %settings.upstream,
         issuers = ?settings.issuers.iter().map(|i| i.issuer.as_str()).collect::<Vec<_>>(),
         database = %settings.database_url,

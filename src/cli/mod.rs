@@ -37,6 +37,15 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// `--worker-threads` when serving (0: one per usable CPU); subcommands take the default.
+    pub fn worker_threads(&self) -> u16 {
+        match &self.command {
+            Some(Command::Serve(args)) => args.worker_threads,
+            None => self.serve.worker_threads,
+            Some(_) => 0,
+        }
+    }
+
     /// The settings `serve` would run with (the flags given at the top level or after `serve`).
     pub fn serve_settings(&self) -> Result<Settings, Vec<String>> {
         match &self.command {

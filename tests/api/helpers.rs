@@ -314,9 +314,19 @@ pub async fn assert_error(r: reqwest::Response, status: u16, code: &str) -> Valu
 /// Starts the real `idsync` binary (JSON logs, ports chosen by the OS) and returns it with its proxy
 /// address, read from its "idsync listening" log line; its output keeps being drained.
 pub async fn spawn_binary(args: &[String]) -> (tokio::process::Child, String) {
+    let (child, listening) = spawn_binary_env(args, &[]).await;
+    (child, listening["proxy"].as_str().unwrap().to_owned())
+}
+
+/// [`spawn_binary`] with `IDSYNC_*` variables set, returning the whole "idsync listening" log line.
+pub async fn spawn_binary_env(
+    args: &[String],
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, Value) {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_idsync"))
         .env_clear()
+        .envs(env.iter().copied())
         .args([
             "--listen",
             "127.0.0.1:0",
@@ -331,11 +341,11 @@ pub async fn spawn_binary(args: &[String]) -> (tokio::process::Child, String) {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let proxy = tokio::time::timeout(Duration::from_secs(20), async {
+    let listening = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(line) = lines.next_line().await.unwrap() {
             let v: Value = serde_json::from_str(&line).unwrap_or_default();
             if v["message"] == "idsync listening" {
-                return v["proxy"].as_str().unwrap().to_owned();
+                return v;
             }
         }
         panic!("idsync exited before listening");
@@ -343,7 +353,7 @@ pub async fn spawn_binary(args: &[String]) -> (tokio::process::Child, String) {
     .await
     .expect("idsync started within 20s");
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, proxy)
+    (child, listening)
 }
 
 /// Whether this test runs alone in its process (nextest's process-per-test), so process-wide metrics

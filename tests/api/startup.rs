@@ -53,6 +53,27 @@ fn every_flag_reads_its_idsync_env_twin() {
 
 #[tokio::test]
 async fn sigterm_lets_in_flight_requests_finish_and_exits_0() {
+    let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    serves_and_drains_on_sigterm(&[], &[], workers).await;
+}
+
+/// One thread (the current-thread scheduler) and a set number (the multi-threaded one, through the
+/// variable) serve, wake on SIGTERM and drain alike.
+#[tokio::test]
+async fn worker_threads_choose_the_scheduler_and_both_serve_and_drain() {
+    serves_and_drains_on_sigterm(&["--worker-threads", "1"], &[], 1).await;
+    serves_and_drains_on_sigterm(&[], &[("IDSYNC_WORKER_THREADS", "3")], 3).await;
+    let out = Command::new(env!("CARGO_BIN_EXE_idsync"))
+        .env_clear()
+        .args(["--worker-threads", "1025"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--worker-threads"), "{err}");
+}
+
+async fn serves_and_drains_on_sigterm(extra: &[&str], env: &[(&str, &str)], workers: usize) {
     use devkit::{EchoUpstream, LocalIssuer, SigningAlg};
 
     let issuer = LocalIssuer::start("/realms/acme", SigningAlg::RS256)
@@ -69,9 +90,13 @@ async fn sigterm_lets_in_flight_requests_finish_and_exits_0() {
         "--database-url",
         &db,
     ]
+    .into_iter()
+    .chain(extra.iter().copied())
     .map(String::from)
-    .to_vec();
-    let (mut child, proxy) = crate::helpers::spawn_binary(&args).await;
+    .collect();
+    let (mut child, listening) = crate::helpers::spawn_binary_env(&args, env).await;
+    assert_eq!(listening["workers"], workers, "{listening}");
+    let proxy = listening["proxy"].as_str().unwrap();
 
     let token = issuer.mint(issuer.claims_for("drain-me"));
     let http = reqwest::Client::new();
