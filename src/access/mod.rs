@@ -200,9 +200,8 @@ impl Gatekeeper {
             identity,
             issuer,
             key: verified.key,
-            expires_at: verified.expires_at,
+            lifetime: tokens::Lifetime::new(verified.expires_at, issued_at),
             sid,
-            issued_at,
             memo: tokens::MemoSlot::default(),
         });
         if let Some(key) = key {
@@ -269,7 +268,7 @@ impl Gatekeeper {
         };
         match self
             .provisioner
-            .sync(identity, &decision.plan, authenticated.issued_at)
+            .sync(identity, &decision.plan, authenticated.issued_at())
             .await
         {
             Ok(synced) => {

@@ -69,7 +69,7 @@ impl RevocationSet {
         {
             // `iat` has whole seconds: a token issued in the logout's own second may predate it, so it
             // goes too (a login in that very second signs in again).
-            return a.issued_at.is_none_or(|iat| iat <= *not_before);
+            return a.issued_at().is_none_or(|iat| iat <= *not_before);
         }
         false
     }

@@ -321,7 +321,7 @@ async fn reverse_proxy(state: &AppState, client: SocketAddr, mut req: Request) -
     if let Some(a) = &admitted {
         headers::inject(req.headers_mut(), &state.names, a);
     }
-    let valid_until = admitted.as_ref().map(|a| a.authenticated.expires_at);
+    let valid_until = admitted.as_ref().map(|a| a.authenticated.expires_at());
     let span = trace::client_child("idsync.upstream");
     span.inject(req.headers_mut());
     let mut response = match state.upstream.forward(req, client, valid_until).await {

@@ -24,6 +24,7 @@ pub type SharedStr = arcstr::ArcStr;
 pub use claims::ClaimPath;
 pub use membership::{Origin, RolePlan, RoleSource, StoredMembership};
 pub use roles::{RoleMap, RoleMapError};
+pub use shared::SharedList;
 
 /// Longest identifier (subject, tenant id) idsync accepts; longer ones are not ids but payloads.
 pub const MAX_ID_BYTES: usize = 255;
@@ -177,7 +178,7 @@ pub struct Identity {
     pub tenant: Option<TenantId>,
     /// Every tenant the token allows the caller to act in (includes `tenant`). Lists, like the role
     /// lists, are shared by every identity that carries the same one ([`shared::SharedParts`]).
-    pub tenants: Arc<[TenantId]>,
+    pub tenants: SharedList<TenantId>,
     /// Reference-counted so the synced view can share them rather than copy.
     pub email: Option<SharedStr>,
     pub email_verified: Option<bool>,
@@ -185,7 +186,7 @@ pub struct Identity {
     /// Every Keycloak token has one; `name` falls back to it (the same string, shared).
     pub username: Option<SharedStr>,
     /// Raw IdP roles, in token order, without duplicates.
-    pub roles: Arc<[String]>,
+    pub roles: SharedList<String>,
     /// The rest of the profile and the rarer parts; `None` when the token carries none of them, so a
     /// cached identity does not hold a row of empty fields (a token lives in the cache for its lifetime).
     #[serde(flatten)]
@@ -201,7 +202,7 @@ pub struct Extras {
     /// Display names the token gives for tenants (Keycloak organization aliases).
     /// Shared like the tenant lists: the members of the same organizations hold one copy.
     pub tenant_names: Arc<[(TenantId, String)]>,
-    pub permissions: Arc<[String]>,
+    pub permissions: SharedList<String>,
     /// Boxed: a JSON value is larger than all the other fields together.
     pub metadata: Option<Box<Value>>,
     /// Where the tenant was looked for, to explain a missing one; empty when a tenant was found.
@@ -216,12 +217,12 @@ impl Default for Identity {
             dialect: Dialect::Generic,
             subject: None,
             tenant: None,
-            tenants: Arc::from([]),
+            tenants: SharedList::default(),
             email: None,
             email_verified: None,
             name: None,
             username: None,
-            roles: Arc::from([]),
+            roles: SharedList::default(),
             extras: None,
         }
     }
@@ -281,11 +282,13 @@ impl Identity {
     pub fn heap_size(&self) -> usize {
         let shared = |s: &Option<SharedStr>| s.as_ref().map_or(0, |s| s.len() + 16);
         let id = |t: &TenantId| t.as_str().len() + 16;
-        let tenants = 16
+        // A shared list: nothing when empty, else its counters and boxed slice (32 bytes) and the items.
+        let items = |n: usize| if n == 0 { 0 } else { 32 };
+        let tenants = items(self.tenants.len())
             + (self.tenants.iter())
                 .map(|t| std::mem::size_of::<TenantId>() + id(t))
                 .sum::<usize>();
-        let list = |l: &[String]| 16 + l.iter().map(|r| r.len() + 24).sum::<usize>();
+        let list = |l: &[String]| items(l.len()) + l.iter().map(|r| r.len() + 24).sum::<usize>();
         let username = match (&self.username, &self.name) {
             (Some(u), Some(n)) if SharedStr::ptr_eq(u, n) => 0,
             _ => shared(&self.username),
