@@ -100,8 +100,8 @@ pub struct ServeArgs {
     /// cgroup's CPU quota, so a pod limited to 1 CPU gets 1). With 1, every task runs on one thread
     /// (tokio's current-thread scheduler), which measured less CPU per request than one worker of the
     /// multi-threaded scheduler.
-    #[arg(long, env = "IDSYNC_WORKER_THREADS", default_value = "0", value_parser = clap::value_parser!(u16).range(0..=1024))]
-    pub worker_threads: u16,
+    #[arg(long, env = "IDSYNC_WORKER_THREADS", default_value = "0")]
+    pub worker_threads: String,
 
     /// Log format: text or json.
     #[arg(long, env = "IDSYNC_LOG_FORMAT", default_value = "text")]
@@ -378,6 +378,9 @@ pub struct Settings {
     pub database_max_connections: u32,
     pub database_statement_cache: usize,
     pub database_timeout: Duration,
+    /// `--worker-threads` (0: one per usable CPU). `main` reads the flag before the settings exist (the
+    /// runtime comes first); validated here with the rest, so a bad value is listed with every other.
+    pub worker_threads: u16,
     pub log_format: LogFormat,
     pub log_level: String,
     /// Where traces go; `None`: tracing off.
@@ -533,7 +536,18 @@ struct Listeners {
     shutdown_timeout: Duration,
 }
 
+/// The most `--worker-threads` takes.
+pub const MAX_WORKERS: u16 = 1024;
+
 impl ServeArgs {
+    /// `--worker-threads` as far as it reads, for building the runtime before the settings are validated:
+    /// a value out of range counts as 0 here and is refused by [`ServeArgs::validate`].
+    pub fn worker_threads_hint(&self) -> u16 {
+        (self.worker_threads.trim().parse::<u16>().ok())
+            .filter(|n| *n <= MAX_WORKERS)
+            .unwrap_or(0)
+    }
+
     /// Parses and checks everything; on failure returns every problem found.
     pub fn validate(&self, db: &DatabaseArgs) -> Result<Settings, Vec<String>> {
         let mut p = Problems::default();
@@ -591,6 +605,7 @@ impl ServeArgs {
             0..=100_000,
         );
         let database_timeout = p.duration("--database-timeout", &self.database_timeout);
+        let worker_threads = p.number("--worker-threads", &self.worker_threads, 0..=MAX_WORKERS);
         let log_format = p.choice(
             "--log-format",
             &self.log_format,
@@ -645,6 +660,7 @@ impl ServeArgs {
             database_max_connections: database_max_connections?,
             database_statement_cache: database_statement_cache?,
             database_timeout: database_timeout?,
+            worker_threads: worker_threads?,
             log_format: log_format?,
             log_level: log_level?,
             trace: trace?,

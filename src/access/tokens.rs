@@ -46,12 +46,13 @@ pub struct Lifetime {
 
 impl Lifetime {
     /// An `exp` past 2106 counts as 2106 (the cache keeps no token that long anyway). An `iat` at or
-    /// before 1970 counts as none, which every use treats as the older token: a logout ends it.
+    /// before 1970 counts as one second past it: still present, and older than any logout or stored
+    /// change it is compared with (0 is kept for "none", which the sync does not treat as older).
     pub fn new(expires_at: i64, issued_at: Option<i64>) -> Self {
         let clamp = |t: i64| u32::try_from(t.max(0)).unwrap_or(u32::MAX);
         Self {
             expires_at: clamp(expires_at),
-            issued_at: issued_at.map_or(0, clamp),
+            issued_at: issued_at.map_or(0, |t| clamp(t).max(1)),
         }
     }
 
@@ -234,9 +235,11 @@ mod tests {
         let far = Lifetime::new(i64::MAX, Some(i64::MAX));
         let max = i64::from(u32::MAX);
         assert_eq!((far.expires_at(), far.issued_at()), (max, Some(max)));
-        // No `iat`, or one at or before 1970: none, the older token for a logout.
-        for iat in [None, Some(0), Some(-5), Some(i64::MIN)] {
-            assert_eq!(Lifetime::new(1, iat).issued_at(), None, "{iat:?}");
+        assert_eq!(Lifetime::new(1, None).issued_at(), None);
+        // One at or before 1970 stays present (the sync treats a present `iat` as older than a stored
+        // change, an absent one not), as early as can be.
+        for iat in [0, -5, i64::MIN] {
+            assert_eq!(Lifetime::new(1, Some(iat)).issued_at(), Some(1), "{iat}");
         }
         assert_eq!(Lifetime::new(-1, None).expires_at(), 0);
         assert_eq!(Lifetime::new(1, Some(1)).issued_at(), Some(1));

@@ -37,11 +37,12 @@ pub struct Cli {
 }
 
 impl Cli {
-    /// `--worker-threads` when serving (0: one per usable CPU); subcommands take the default.
+    /// `--worker-threads` for the commands that take the serve flags (0: one per usable CPU); the other
+    /// subcommands take the default.
     pub fn worker_threads(&self) -> u16 {
         match &self.command {
-            Some(Command::Serve(args)) => args.worker_threads,
-            None => self.serve.worker_threads,
+            Some(Command::Serve(args) | Command::Check(args)) => args.worker_threads_hint(),
+            None => self.serve.worker_threads_hint(),
             Some(_) => 0,
         }
     }

@@ -337,7 +337,8 @@ impl Extras {
                     t.as_str().len() + 16 + n.capacity() + std::mem::size_of::<(TenantId, String)>()
                 })
                 .sum::<usize>()
-            + 16
+            // A shared list: nothing when empty, else its counters and boxed slice.
+            + if self.permissions.is_empty() { 0 } else { 32 }
             + self.permissions.iter().map(|p| p.len() + 24).sum::<usize>()
             + self.tenant_sources.iter().map(|r| r.capacity() + 24).sum::<usize>()
             // serde_json keeps a map node per key and a String per value: about twice the text size.

@@ -63,14 +63,32 @@ async fn sigterm_lets_in_flight_requests_finish_and_exits_0() {
 async fn worker_threads_choose_the_scheduler_and_both_serve_and_drain() {
     serves_and_drains_on_sigterm(&["--worker-threads", "1"], &[], 1).await;
     serves_and_drains_on_sigterm(&[], &[("IDSYNC_WORKER_THREADS", "3")], 3).await;
+    // Out of range: listed with the other problems (not a parse error that hides them), exit 2.
     let out = Command::new(env!("CARGO_BIN_EXE_idsync"))
         .env_clear()
-        .args(["--worker-threads", "1025"])
+        .args(["--worker-threads", "1025", "--listen", "nope"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--worker-threads"), "{err}");
+    assert!(
+        err.contains("--worker-threads: must be between 0 and 1024"),
+        "{err}"
+    );
+    assert!(err.contains("--listen: `nope`"), "{err}");
+    // A subcommand that does not serve is not stopped by the serve flag's variable.
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_idsync"))
+        .env_clear()
+        .env("IDSYNC_WORKER_THREADS", "many")
+        .env(
+            "IDSYNC_DATABASE_URL",
+            format!("sqlite://{}/db.sqlite?mode=rwc", dir.path().display()),
+        )
+        .args(["migrate", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
 }
 
 async fn serves_and_drains_on_sigterm(extra: &[&str], env: &[(&str, &str)], workers: usize) {
