@@ -91,6 +91,30 @@ async fn worker_threads_choose_the_scheduler_and_both_serve_and_drain() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
 }
 
+/// mimalloc hands freed pages back at once (less RSS after a burst), unless the operator says otherwise.
+/// Read from mimalloc's own report of its options at start (`MIMALLOC_VERBOSE`).
+#[cfg(target_os = "linux")]
+#[test]
+fn freed_memory_is_purged_at_once_unless_the_operator_says_otherwise() {
+    let purge_delay = |env: &[(&str, &str)]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_idsync"))
+            .env_clear()
+            .env("MIMALLOC_VERBOSE", "1")
+            .envs(env.iter().copied())
+            .arg("--version")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (err.lines())
+            .find_map(|l| l.trim().strip_prefix("option 'purge_delay': "))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|| panic!("mimalloc reported no purge_delay: {err}"))
+    };
+    assert_eq!(purge_delay(&[]), "0");
+    assert_eq!(purge_delay(&[("MIMALLOC_PURGE_DELAY", "250")]), "250");
+}
+
 async fn serves_and_drains_on_sigterm(extra: &[&str], env: &[(&str, &str)], workers: usize) {
     use devkit::{EchoUpstream, LocalIssuer, SigningAlg};
 
