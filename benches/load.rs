@@ -5,7 +5,8 @@
 //! - **peers**: the app directly, nginx with no auth, HAProxy `jwt_verify`, Envoy `jwt_authn`, idsync's own
 //!   forwarding with no auth, and idsync warm (SQLite and PostgreSQL). Each proxy is pinned to one core
 //!   (`taskset`), wrk and the app to the other; the lineup runs `--rounds` times interleaved and the table
-//!   gives each one's median, so a noisy moment hits every peer alike.
+//!   gives each one's median, so a noisy moment hits every peer alike. `IDSYNC_BENCH_BASELINE=<another
+//!   idsync binary>` adds it as one more warm target, for an A/B of two builds in the same rounds.
 //! - **nocache**: idsync verifying RS256 on every request (token cache off).
 //! - **cold**: every request a new identity, on PostgreSQL and SQLite, as fast as possible and at a fixed
 //!   rate (`--cold-rate`), on the whole machine (the database is part of the path). **paced**: only the
@@ -461,7 +462,16 @@ impl Target {
     }
 }
 
+/// The idsync binary under test: the release build, or `IDSYNC_BENCH_BASELINE` for the baseline target.
+fn idsync_binary(baseline: bool) -> PathBuf {
+    match std::env::var_os("IDSYNC_BENCH_BASELINE") {
+        Some(b) if baseline => PathBuf::from(b),
+        _ => target_dir().join("idsync"),
+    }
+}
+
 fn spawn_idsync(
+    binary: &Path,
     core: Option<&str>,
     upstream: &str,
     issuer: &str,
@@ -475,10 +485,10 @@ fn spawn_idsync(
     let mut command = match words.next() {
         Some(program) => {
             let mut c = pinned(core, &which(program));
-            c.args(words).arg(target_dir().join("idsync"));
+            c.args(words).arg(binary);
             c
         }
-        None => pinned(core, &target_dir().join("idsync")),
+        None => pinned(core, binary),
     };
     let child = command
         .env_clear()
@@ -514,13 +524,14 @@ fn which(program: &str) -> PathBuf {
 }
 
 async fn start_idsync(
+    binary: &Path,
     core: Option<&str>,
     upstream: &str,
     issuer: &str,
     db: &str,
     extra: &[&str],
 ) -> (Proc, String) {
-    let (p, url, admin) = spawn_idsync(core, upstream, issuer, db, extra);
+    let (p, url, admin) = spawn_idsync(binary, core, upstream, issuer, db, extra);
     wait_http(&format!("{admin}/readyz"), None).await;
     ADMIN.lock().unwrap().insert(p.0.id(), admin);
     (p, url)
@@ -781,14 +792,35 @@ async fn main() {
         if let Some(pg) = &o.postgres {
             databases.push(("PostgreSQL", fresh_postgres(pg).await));
         }
+        // IDSYNC_BENCH_BASELINE (another idsync binary) adds it to the lineup with the same tokens and
+        // settings, interleaved round by round: an A/B of two builds on a noisy machine.
+        let baseline = std::env::var_os("IDSYNC_BENCH_BASELINE").is_some();
         for (label, db) in &databases {
-            let (p, url) = start_idsync(proxy_core, &app_url, &idsync_issuer, db, &[]).await;
-            prime(&format!("{url}/"), &warm).await;
-            targets.push(Target {
-                label: format!("idsync warm ({label})"),
-                url,
-                proc: Some(p),
-            });
+            for (binary, suffix) in [(false, ""), (true, ", baseline")] {
+                if binary && !baseline {
+                    continue;
+                }
+                let db = if binary {
+                    &db.replace("warm.db", "warm-baseline.db")
+                } else {
+                    db
+                };
+                let (p, url) = start_idsync(
+                    &idsync_binary(binary),
+                    proxy_core,
+                    &app_url,
+                    &idsync_issuer,
+                    db,
+                    &[],
+                )
+                .await;
+                prime(&format!("{url}/"), &warm).await;
+                targets.push(Target {
+                    label: format!("idsync warm ({label}{suffix})"),
+                    url,
+                    proc: Some(p),
+                });
+            }
         }
         if !o.targets.is_empty() {
             targets.retain(|t| o.targets.iter().any(|w| t.label.contains(w.as_str())));
@@ -824,6 +856,7 @@ async fn main() {
         println!("idsync, token cache off (RS256 verify per request)");
         let db = format!("sqlite://{}/nocache.db?mode=rwc", dir.path().display());
         let (p, url) = start_idsync(
+            &idsync_binary(false),
             proxy_core,
             &app_url,
             &idsync_issuer,
@@ -870,7 +903,15 @@ async fn main() {
                 );
                 let file = dir.path().join(format!("cold-{label}"));
                 write_lines(&file, &tokens);
-                let (p, url) = start_idsync(None, &app_url, &idsync_issuer, db, &[]).await;
+                let (p, url) = start_idsync(
+                    &idsync_binary(false),
+                    None,
+                    &app_url,
+                    &idsync_issuer,
+                    db,
+                    &[],
+                )
+                .await;
                 println!("cold path on {label}: as fast as possible");
                 let run = wrk(
                     &format!("idsync cold, new identities ({label})"),
@@ -898,7 +939,15 @@ async fn main() {
                 // for tens of milliseconds: a checkpoint first, so this run meets a server at rest.
                 settle_postgres(admin).await;
                 let db = fresh_postgres(admin).await;
-                let (p, url) = start_idsync(None, &app_url, &idsync_issuer, &db, &[]).await;
+                let (p, url) = start_idsync(
+                    &idsync_binary(false),
+                    None,
+                    &app_url,
+                    &idsync_issuer,
+                    &db,
+                    &[],
+                )
+                .await;
                 let paced = (o.cold_rate * o.duration as f64 * 1.2) as usize;
                 let tokens = mint(&issuer, &rs_kid, "paced", paced, o.tenants);
                 let file = dir.path().join("paced");
@@ -935,7 +984,15 @@ async fn main() {
             o.memory_users
         );
         let tokens = mint(&issuer, &rs_kid, "memory", o.memory_users, o.tenants);
-        let (p, url) = start_idsync(None, &app_url, &idsync_issuer, &db, &[]).await;
+        let (p, url) = start_idsync(
+            &idsync_binary(false),
+            None,
+            &app_url,
+            &idsync_issuer,
+            &db,
+            &[],
+        )
+        .await;
         // Idle: ready, keys loaded, one request served (so the lazy parts exist), nothing cached to speak of.
         prime(&format!("{url}/"), &tokens[..1]).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1023,7 +1080,10 @@ async fn main() {
         .iter()
         .find(|r| r.name.starts_with("HAProxy"))
         .map(|r| r.rps);
-    for r in lineup.iter().filter(|r| r.name.starts_with("idsync warm")) {
+    for r in lineup
+        .iter()
+        .filter(|r| r.name.starts_with("idsync warm") && !r.name.contains("baseline"))
+    {
         let label = r.name.split(" [").next().unwrap_or(&r.name);
         if let Some(n) = nginx_rps {
             let x = r.rps / n;

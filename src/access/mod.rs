@@ -231,6 +231,18 @@ impl Gatekeeper {
                 authenticated,
             });
         }
+        // Boxed: the decision's database work is a large future, and every warm request's future
+        // would otherwise carry (and hyper move) its size.
+        Box::pin(self.decide_and_sync(authenticated, requested, epoch)).await
+    }
+
+    /// `admit` past the memo: the decision, the membership lookup and the sync.
+    async fn decide_and_sync(
+        &self,
+        authenticated: Arc<Authenticated>,
+        requested: Option<&TenantId>,
+        epoch: u64,
+    ) -> Result<Admission, AccessError> {
         if self.database_resting() {
             return self.pass_resting(authenticated, requested).await;
         }

@@ -59,62 +59,89 @@ pub async fn layer(State(state): State<Arc<AppState>>, req: Request, next: Next)
 }
 
 /// Runs `inner` for `req` under `policy`: preflights answered here, CORS headers added or stripped.
+/// `inner` is awaited in one place only, so its (large) future is laid out once in this one.
 pub async fn around<F, Fut>(policy: &CorsPolicy, req: Request, inner: F) -> Response
 where
     F: FnOnce(Request) -> Fut,
     Fut: std::future::Future<Output = Response>,
 {
-    if !policy.enabled() {
-        return inner(req).await;
-    }
-    let origin = req.headers().get(header::ORIGIN).cloned();
-    let preflight = req.method() == Method::OPTIONS
-        && req
-            .headers()
-            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-    match origin {
-        Some(origin) if policy.allowed(&origin) => {
-            let mut response = if preflight {
-                let mut r = (StatusCode::NO_CONTENT, Body::empty()).into_response();
-                let h = r.headers_mut();
-                h.insert(
-                    header::ACCESS_CONTROL_ALLOW_METHODS,
-                    HeaderValue::from_static(METHODS),
-                );
-                if let Some(v) = &policy.allow_headers {
-                    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v.clone());
-                }
-                if let Some(v) = &policy.max_age {
-                    h.insert(header::ACCESS_CONTROL_MAX_AGE, v.clone());
-                }
-                r
-            } else {
-                inner(req).await
-            };
-            let h = response.headers_mut();
-            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-            h.insert(
-                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-                HeaderValue::from_static("true"),
-            );
-            h.insert(
-                header::ACCESS_CONTROL_EXPOSE_HEADERS,
-                HeaderValue::from_static("x-request-id, www-authenticate"),
-            );
-            h.append(header::VARY, HeaderValue::from_static("Origin"));
-            response
-        }
-        // A preflight from an origin that is not allowed gets no CORS headers, so the browser refuses.
-        Some(_) if preflight => (StatusCode::FORBIDDEN, Body::empty()).into_response(),
-        _ => {
-            let mut response = inner(req).await;
+    let after = match before(policy, &req) {
+        Ok(after) => after,
+        Err(answered) => return *answered,
+    };
+    let mut response = inner(req).await;
+    match after {
+        After::Untouched => {}
+        After::Allowed(origin) => grant(response.headers_mut(), origin),
+        After::Stripped => {
             strip_cors(&mut response);
             response
                 .headers_mut()
                 .append(header::VARY, HeaderValue::from_static("Origin"));
-            response
         }
     }
+    response
+}
+
+/// What `around` does to the answer once `inner` has given it.
+enum After {
+    /// CORS is not configured: the app's own headers pass.
+    Untouched,
+    /// An allowed origin: idsync's CORS headers.
+    Allowed(HeaderValue),
+    /// No origin, or one not allowed: nothing granted, the app's CORS headers removed.
+    Stripped,
+}
+
+/// The decision before `inner` runs; `Err` is a preflight answered here (boxed: rare, and large).
+fn before(policy: &CorsPolicy, req: &Request) -> Result<After, Box<Response>> {
+    if !policy.enabled() {
+        return Ok(After::Untouched);
+    }
+    let preflight = req.method() == Method::OPTIONS
+        && req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    match req.headers().get(header::ORIGIN) {
+        Some(origin) if policy.allowed(origin) => {
+            if !preflight {
+                return Ok(After::Allowed(origin.clone()));
+            }
+            let mut r = (StatusCode::NO_CONTENT, Body::empty()).into_response();
+            let h = r.headers_mut();
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static(METHODS),
+            );
+            if let Some(v) = &policy.allow_headers {
+                h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v.clone());
+            }
+            if let Some(v) = &policy.max_age {
+                h.insert(header::ACCESS_CONTROL_MAX_AGE, v.clone());
+            }
+            grant(h, origin.clone());
+            Err(Box::new(r))
+        }
+        // A preflight from an origin that is not allowed gets no CORS headers, so the browser refuses.
+        Some(_) if preflight => Err(Box::new(
+            (StatusCode::FORBIDDEN, Body::empty()).into_response(),
+        )),
+        _ => Ok(After::Stripped),
+    }
+}
+
+/// The headers that let an allowed origin read the answer.
+fn grant(h: &mut http::HeaderMap, origin: HeaderValue) {
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+        HeaderValue::from_static("true"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("x-request-id, www-authenticate"),
+    );
+    h.append(header::VARY, HeaderValue::from_static("Origin"));
 }
 
 /// idsync owns CORS when it is configured: the app's own CORS headers must not grant what idsync refused.

@@ -210,31 +210,36 @@ pub fn value(s: &str) -> HeaderValue {
 fn list<'a, S: AsRef<str> + ?Sized + 'a>(
     items: impl Iterator<Item = &'a S>,
 ) -> Option<HeaderValue> {
-    let joined: Vec<String> = items
-        .map(|i| {
-            encode(i.as_ref(), true)
-                .to_str()
-                .unwrap_or_default()
-                .to_owned()
-        })
-        .collect();
-    if joined.is_empty() {
-        return None;
+    let mut joined = String::new();
+    let mut any = false;
+    for item in items {
+        if any {
+            joined.push(',');
+        }
+        any = true;
+        encode_into(&mut joined, item.as_ref(), true);
     }
-    Some(HeaderValue::from_str(&joined.join(",")).expect("encoded values are visible ASCII"))
+    any.then(|| HeaderValue::from_str(&joined).expect("encoded values are visible ASCII"))
 }
 
 fn encode(s: &str, in_list: bool) -> HeaderValue {
     let mut out = String::with_capacity(s.len());
+    encode_into(&mut out, s, in_list);
+    HeaderValue::from_str(&out).expect("encoded values are visible ASCII")
+}
+
+fn encode_into(out: &mut String, s: &str, in_list: bool) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for b in s.bytes() {
         let plain = (0x20..0x7f).contains(&b) && b != b'%' && !(in_list && b == b',');
         if plain {
             out.push(b as char);
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            out.push('%');
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 0xf)] as char);
         }
     }
-    HeaderValue::from_str(&out).expect("encoded values are visible ASCII")
 }
 
 #[cfg(test)]

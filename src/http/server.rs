@@ -90,10 +90,12 @@ pub async fn serve<H: Handler>(
             // Only HTTP/2 connections are watched for idleness (HTTP/1.1 has its header-read timeout).
             let seen = http2.then(|| activity.clone());
             let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-                let answer = handler.clone().call(req, peer);
+                let handler = handler.clone();
                 let guard = seen.as_ref().map(Activity::start);
+                // The handler's future is made inside this one, not captured by it: captured, it would
+                // be laid out twice (rust-lang/rust#62958) and hyper moves this future per request.
                 async move {
-                    let response = answer.await;
+                    let response = handler.call(req, peer).await;
                     Ok::<_, Infallible>(match guard {
                         None => response,
                         // In flight until the response body has been sent (a gRPC stream may outlive

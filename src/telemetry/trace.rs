@@ -49,9 +49,37 @@ pub fn current_trace_id() -> Option<TraceId> {
     CURRENT.try_with(|t| *t).ok()
 }
 
-/// Runs `f` with `id` as the current request's trace id.
-pub async fn with_trace_id<F: Future>(id: TraceId, f: F) -> F::Output {
-    CURRENT.scope(id, f).await
+pin_project_lite::pin_project! {
+    /// A request's future, polled with its trace id current and, with tracing on, its span's context
+    /// attached. One wrapper whatever is set, so the request's (large) future is laid out once in the
+    /// future that awaits it, not once per combination.
+    pub struct Traced<F> {
+        id: Option<TraceId>,
+        context: Option<Context>,
+        #[pin]
+        inner: F,
+    }
+}
+
+/// Runs `inner` with `id` as the current request's trace id and `context` as the current span.
+pub fn traced<F: Future>(id: Option<TraceId>, context: Option<Context>, inner: F) -> Traced<F> {
+    Traced { id, context, inner }
+}
+
+impl<F: Future> Future for Traced<F> {
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let this = self.project();
+        let _attached = this.context.as_ref().map(|c| c.clone().attach());
+        match *this.id {
+            Some(id) => CURRENT.sync_scope(id, || this.inner.poll(cx)),
+            None => this.inner.poll(cx),
+        }
+    }
 }
 
 /// The trace id of a well-formed `traceparent` (W3C Trace Context): exactly one header,
