@@ -507,7 +507,12 @@ fn spawn_idsync(
         .args(extra)
         .stdout(Stdio::null())
         .spawn()
-        .expect("target/release/idsync: run bench/load.sh, which builds it");
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {}: {e} (target/release/idsync: run bench/load.sh, which builds it)",
+                binary.display()
+            )
+        });
     (
         Proc(child),
         format!("http://127.0.0.1:{port}"),
@@ -800,17 +805,21 @@ async fn main() {
                 if binary && !baseline {
                     continue;
                 }
-                let db = if binary {
-                    &db.replace("warm.db", "warm-baseline.db")
-                } else {
-                    db
+                // The baseline's own database: each build creates its rows, as in a run of its own.
+                let db = match (binary, &o.postgres) {
+                    (false, _) => db.clone(),
+                    (true, Some(pg)) if *label == "PostgreSQL" => fresh_postgres(pg).await,
+                    (true, _) => format!(
+                        "sqlite://{}/warm-baseline.db?mode=rwc",
+                        dir.path().display()
+                    ),
                 };
                 let (p, url) = start_idsync(
                     &idsync_binary(binary),
                     proxy_core,
                     &app_url,
                     &idsync_issuer,
-                    db,
+                    &db,
                     &[],
                 )
                 .await;

@@ -204,7 +204,7 @@ pub fn set_identity<'a>(
 /// A header value that is always safe: printable ASCII passes as is; any other byte, and `%` itself, is
 /// percent-encoded (RFC 3986 style), so CR/LF can never split a header and the upstream can decode exactly.
 pub fn value(s: &str) -> HeaderValue {
-    encode(s, false)
+    encode(s)
 }
 
 fn list<'a, S: AsRef<str> + ?Sized + 'a>(
@@ -222,9 +222,9 @@ fn list<'a, S: AsRef<str> + ?Sized + 'a>(
     any.then(|| HeaderValue::from_str(&joined).expect("encoded values are visible ASCII"))
 }
 
-fn encode(s: &str, in_list: bool) -> HeaderValue {
+fn encode(s: &str) -> HeaderValue {
     let mut out = String::with_capacity(s.len());
-    encode_into(&mut out, s, in_list);
+    encode_into(&mut out, s, false);
     HeaderValue::from_str(&out).expect("encoded values are visible ASCII")
 }
 

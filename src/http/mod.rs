@@ -407,7 +407,8 @@ mod tests {
 
     /// hyper moves each request's future whole (into its connection's slot, through the service
     /// call): at 15-25 KB, before the database path, the router and the trace wrappers were boxed or
-    /// awaited once, those copies were the warm path's largest single cost.
+    /// awaited once, memmove was 8.5 % of a warm request's CPU samples, most of it these copies (4.3 %
+    /// after).
     #[test]
     fn a_proxied_requests_future_stays_small() {
         fn output_size<F, Fut>(_: F) -> usize

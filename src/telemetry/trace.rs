@@ -15,6 +15,7 @@ use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use std::fmt;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -50,34 +51,51 @@ pub fn current_trace_id() -> Option<TraceId> {
 }
 
 pin_project_lite::pin_project! {
-    /// A request's future, polled with its trace id current and, with tracing on, its span's context
-    /// attached. One wrapper whatever is set, so the request's (large) future is laid out once in the
-    /// future that awaits it, not once per combination.
+    /// A request's future, polled (and dropped, when a request is cancelled) with its trace id current
+    /// and, with tracing on, its span's context attached. One wrapper whatever is set, so the request's
+    /// (large) future is laid out once in the future that awaits it, not once per combination.
     pub struct Traced<F> {
         id: Option<TraceId>,
         context: Option<Context>,
         #[pin]
-        inner: F,
+        inner: Option<F>,
+    }
+
+    impl<F> PinnedDrop for Traced<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            let _attached = this.context.as_ref().map(|c| c.clone().attach());
+            let mut inner = this.inner;
+            match *this.id {
+                Some(id) => CURRENT.sync_scope(id, || inner.set(None)),
+                None => inner.set(None),
+            }
+        }
     }
 }
 
 /// Runs `inner` with `id` as the current request's trace id and `context` as the current span.
 pub fn traced<F: Future>(id: Option<TraceId>, context: Option<Context>, inner: F) -> Traced<F> {
-    Traced { id, context, inner }
+    Traced {
+        id,
+        context,
+        inner: Some(inner),
+    }
 }
 
 impl<F: Future> Future for Traced<F> {
     type Output = F::Output;
 
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<F::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
         let this = self.project();
         let _attached = this.context.as_ref().map(|c| c.clone().attach());
+        let inner = this
+            .inner
+            .as_pin_mut()
+            .expect("a request future is not polled after it is dropped");
         match *this.id {
-            Some(id) => CURRENT.sync_scope(id, || this.inner.poll(cx)),
-            None => this.inner.poll(cx),
+            Some(id) => CURRENT.sync_scope(id, || inner.poll(cx)),
+            None => inner.poll(cx),
         }
     }
 }
@@ -340,6 +358,32 @@ impl Injector for HeadersMut<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The trace id is current while the request runs and while a cancelled request is dropped (what
+    /// tokio's task-local scope did before `Traced` replaced it), so cleanup can still name the trace.
+    #[test]
+    fn a_request_sees_its_trace_id_when_polled_and_when_cancelled() {
+        use std::sync::{Arc, Mutex};
+        struct Probe(Arc<Mutex<Vec<Option<TraceId>>>>);
+        impl Drop for Probe {
+            fn drop(&mut self) {
+                self.0.lock().unwrap().push(current_trace_id());
+            }
+        }
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let probe = Probe(seen.clone());
+        let id = TraceId([7; 16]);
+        let mut request = Box::pin(traced(Some(id), None, async move {
+            probe.0.lock().unwrap().push(current_trace_id());
+            std::future::pending::<()>().await;
+            drop(probe);
+        }));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(request.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(current_trace_id(), None, "only inside the request");
+        drop(request);
+        assert_eq!(*seen.lock().unwrap(), [Some(id), Some(id)]);
+    }
 
     fn with(values: &[&str]) -> http::HeaderMap {
         let mut h = http::HeaderMap::new();
