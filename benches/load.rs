@@ -529,6 +529,17 @@ fn which(program: &str) -> PathBuf {
 }
 
 async fn start_idsync(
+    core: Option<&str>,
+    upstream: &str,
+    issuer: &str,
+    db: &str,
+    extra: &[&str],
+) -> (Proc, String) {
+    start_idsync_with(&idsync_binary(false), core, upstream, issuer, db, extra).await
+}
+
+/// `start_idsync` with another binary (the A/B baseline).
+async fn start_idsync_with(
     binary: &Path,
     core: Option<&str>,
     upstream: &str,
@@ -814,7 +825,7 @@ async fn main() {
                         dir.path().display()
                     ),
                 };
-                let (p, url) = start_idsync(
+                let (p, url) = start_idsync_with(
                     &idsync_binary(binary),
                     proxy_core,
                     &app_url,
@@ -865,7 +876,6 @@ async fn main() {
         println!("idsync, token cache off (RS256 verify per request)");
         let db = format!("sqlite://{}/nocache.db?mode=rwc", dir.path().display());
         let (p, url) = start_idsync(
-            &idsync_binary(false),
             proxy_core,
             &app_url,
             &idsync_issuer,
@@ -912,15 +922,7 @@ async fn main() {
                 );
                 let file = dir.path().join(format!("cold-{label}"));
                 write_lines(&file, &tokens);
-                let (p, url) = start_idsync(
-                    &idsync_binary(false),
-                    None,
-                    &app_url,
-                    &idsync_issuer,
-                    db,
-                    &[],
-                )
-                .await;
+                let (p, url) = start_idsync(None, &app_url, &idsync_issuer, db, &[]).await;
                 println!("cold path on {label}: as fast as possible");
                 let run = wrk(
                     &format!("idsync cold, new identities ({label})"),
@@ -948,15 +950,7 @@ async fn main() {
                 // for tens of milliseconds: a checkpoint first, so this run meets a server at rest.
                 settle_postgres(admin).await;
                 let db = fresh_postgres(admin).await;
-                let (p, url) = start_idsync(
-                    &idsync_binary(false),
-                    None,
-                    &app_url,
-                    &idsync_issuer,
-                    &db,
-                    &[],
-                )
-                .await;
+                let (p, url) = start_idsync(None, &app_url, &idsync_issuer, &db, &[]).await;
                 let paced = (o.cold_rate * o.duration as f64 * 1.2) as usize;
                 let tokens = mint(&issuer, &rs_kid, "paced", paced, o.tenants);
                 let file = dir.path().join("paced");
@@ -993,15 +987,7 @@ async fn main() {
             o.memory_users
         );
         let tokens = mint(&issuer, &rs_kid, "memory", o.memory_users, o.tenants);
-        let (p, url) = start_idsync(
-            &idsync_binary(false),
-            None,
-            &app_url,
-            &idsync_issuer,
-            &db,
-            &[],
-        )
-        .await;
+        let (p, url) = start_idsync(None, &app_url, &idsync_issuer, &db, &[]).await;
         // Idle: ready, keys loaded, one request served (so the lazy parts exist), nothing cached to speak of.
         prime(&format!("{url}/"), &tokens[..1]).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
