@@ -114,7 +114,30 @@ fn timestamp(out: &mut Vec<u8>) {
         }
         out.extend_from_slice(cached.1.as_bytes());
     });
-    let _ = write!(out, ".{:06}Z", now.timestamp_subsec_micros());
+    let micros = now.timestamp_subsec_micros();
+    out.push(b'.');
+    for shift in [100_000, 10_000, 1_000, 100, 10, 1] {
+        out.push(b'0' + (micros / shift % 10) as u8);
+    }
+    out.push(b'Z');
+}
+
+fn int(out: &mut Vec<u8>, n: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// `s` as `{:?}` writes it, as tracing prints strings, so control characters cannot forge a line;
+/// printable ASCII (nearly every path and id) without the formatter.
+fn debug_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        let _ = write!(out, "{s:?}");
+    }
 }
 
 fn json_str(out: &mut Vec<u8>, s: &str) {
@@ -128,7 +151,8 @@ fn json(out: &mut Vec<u8>, l: &Line<'_>) {
     json_str(out, l.method);
     out.extend_from_slice(b",\"path\":");
     json_str(out, l.path);
-    let _ = write!(out, ",\"status\":{}", l.status);
+    out.extend_from_slice(b",\"status\":");
+    int(out, l.status);
     if let Some(u) = l.user_id {
         out.extend_from_slice(b",\"user_id\":");
         json_str(out, u);
@@ -137,7 +161,8 @@ fn json(out: &mut Vec<u8>, l: &Line<'_>) {
         out.extend_from_slice(b",\"tenant_id\":");
         json_str(out, t);
     }
-    let _ = write!(out, ",\"latency_us\":{}", l.latency_us);
+    out.extend_from_slice(b",\"latency_us\":");
+    int(out, l.latency_us);
     if let Some(e) = l.error_id {
         out.extend_from_slice(b",\"error_id\":");
         json_str(out, e);
@@ -153,18 +178,22 @@ fn text(out: &mut Vec<u8>, l: &Line<'_>) {
     out.extend_from_slice(b"  INFO idsync::access: request method=");
     out.extend_from_slice(l.method.as_bytes());
     out.extend_from_slice(b" path=");
-    // Debug-quoted, as tracing prints strings: control characters cannot forge a line.
-    let _ = write!(out, "{:?}", l.path);
-    let _ = write!(out, " status={}", l.status);
+    debug_str(out, l.path);
+    out.extend_from_slice(b" status=");
+    int(out, l.status);
     if let Some(u) = l.user_id {
-        let _ = write!(out, " user_id={u:?}");
+        out.extend_from_slice(b" user_id=");
+        debug_str(out, u);
     }
     if let Some(t) = l.tenant_id {
-        let _ = write!(out, " tenant_id={t:?}");
+        out.extend_from_slice(b" tenant_id=");
+        debug_str(out, t);
     }
-    let _ = write!(out, " latency_us={}", l.latency_us);
+    out.extend_from_slice(b" latency_us=");
+    int(out, l.latency_us);
     if let Some(e) = l.error_id {
-        let _ = write!(out, " error_id={e:?}");
+        out.extend_from_slice(b" error_id=");
+        debug_str(out, e);
     }
     if let Some(t) = l.trace_id {
         let _ = write!(out, " trace_id={t}");
@@ -210,6 +239,27 @@ mod tests {
         let s = String::from_utf8(out).unwrap();
         assert!(chrono::DateTime::parse_from_rfc3339(&s).is_ok(), "{s}");
         assert_eq!(s.len(), "2026-12-01T15:34:50.123456Z".len(), "{s}");
+    }
+
+    #[test]
+    fn strings_are_quoted_as_debug_quotes_them() {
+        for s in [
+            "/api/v1/items?x=1&y='2'",
+            "",
+            "a\"b",
+            "a\\b",
+            "tab\there",
+            "del\u{7f}",
+            "line\nbreak",
+            "caf\u{e9} \u{202e}",
+        ] {
+            let mut out = Vec::new();
+            debug_str(&mut out, s);
+            assert_eq!(String::from_utf8(out).unwrap(), format!("{s:?}"));
+        }
+        let mut out = Vec::new();
+        int(&mut out, 18_446_744_073_709_551_615u64);
+        assert_eq!(out, b"18446744073709551615");
     }
 
     #[test]
