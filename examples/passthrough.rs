@@ -1,10 +1,11 @@
-//! The benchmark's pass-through baseline: idsync's own forwarding code (`http::proxy::Upstream`) with no
-//! authentication, so "idsync against a bare proxy" compares proxy with proxy.
+//! The benchmark's pass-through baseline: idsync's own listener (`http::server`) and forwarding code
+//! (`http::proxy::Upstream`, lanes included) with no authentication, so "idsync against a bare proxy"
+//! compares proxy with proxy.
 //! Run: `cargo run --release --example passthrough -- 127.0.0.1:8081 http://127.0.0.1:3000`
 
-use axum::extract::{ConnectInfo, Request, State};
-use axum::response::{IntoResponse, Response};
-use idsync::http::proxy::Upstream;
+use axum::body::Body;
+use axum::response::IntoResponse;
+use idsync::http::proxy::{Lane, Upstream};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,28 @@ use std::time::Duration;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
+struct Forward(Upstream);
+
+impl idsync::http::server::Handler for Forward {
+    async fn call(
+        self: Arc<Self>,
+        req: hyper::Request<hyper::body::Incoming>,
+        peer: SocketAddr,
+        lane: Option<Arc<Lane>>,
+    ) -> http::Response<Body> {
+        match self
+            .0
+            .forward(req.map(Body::new), peer, lane.as_deref(), None)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        }
+    }
+}
+
+// One thread, as idsync runs on one core.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let listen = args.next().unwrap_or_else(|| "127.0.0.1:8081".into());
@@ -22,34 +44,23 @@ async fn main() -> anyhow::Result<()> {
             .next()
             .unwrap_or_else(|| "http://127.0.0.1:3000".into()),
     )?;
-    let upstream = Arc::new(
-        Upstream::new(
-            &upstream,
-            Duration::from_secs(5),
-            Duration::from_secs(60),
-            idsync::http::forwarded::TrustedProxies::default(),
-            None,
-        )
-        .map_err(anyhow::Error::msg)?,
-    );
-    let app = axum::Router::new().fallback(forward).with_state(upstream);
+    let upstream = Upstream::new(
+        &upstream,
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+        idsync::http::forwarded::TrustedProxies::default(),
+        None,
+    )
+    .map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(&listen).await?;
     println!("passthrough listening on {}", listener.local_addr()?);
-    axum::serve(
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    idsync::http::server::serve(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        Arc::new(Forward(upstream)),
+        Duration::from_secs(10),
+        shutdown,
     )
-    .await?;
+    .await;
     Ok(())
-}
-
-async fn forward(
-    State(upstream): State<Arc<Upstream>>,
-    ConnectInfo(client): ConnectInfo<SocketAddr>,
-    req: Request,
-) -> Response {
-    match upstream.forward(req, client, None).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
 }

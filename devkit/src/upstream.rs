@@ -1,10 +1,11 @@
-//! An upstream app that answers every request with what it received (method, path, headers, body size),
+//! An upstream app that answers every request with what it received (method, path, headers, body size,
+//! the address its connection came from),
 //! streams large bodies on `/stream/MIB`, answers late on `/slow/MS`, and echoes WebSocket messages on `/ws`.
 
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::ws::{Message, WebSocketUpgrade};
-use axum::extract::{Path, Request, State};
+use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use futures_util::StreamExt;
@@ -40,7 +41,11 @@ impl EchoUpstream {
             .fallback(any(echo))
             .with_state(hits.clone());
         let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
+            let _ = axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .await;
         });
         Ok(Self {
             addr,
@@ -63,7 +68,11 @@ impl EchoUpstream {
     }
 }
 
-async fn echo(State(hits): State<Arc<AtomicUsize>>, req: Request) -> Response {
+async fn echo(
+    State(hits): State<Arc<AtomicUsize>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
     hits.fetch_add(1, Ordering::SeqCst);
     let (parts, body) = req.into_parts();
     let mut headers = serde_json::Map::new();
@@ -91,6 +100,7 @@ async fn echo(State(hits): State<Arc<AtomicUsize>>, req: Request) -> Response {
         "query": parts.uri.query(),
         "headers": headers,
         "body_bytes": body_bytes,
+        "peer": peer.to_string(),
     }))
     .into_response()
 }

@@ -86,6 +86,7 @@ impl server::Handler for Edge {
         self: Arc<Self>,
         req: http::Request<hyper::body::Incoming>,
         peer: SocketAddr,
+        lane: Option<Arc<proxy::Lane>>,
     ) -> impl std::future::Future<Output = Response> + Send + 'static {
         let edge = self;
         async move {
@@ -110,7 +111,7 @@ impl server::Handler for Edge {
             let response = trace::traced(
                 trace_id,
                 span.as_ref().map(|s| s.context().clone()),
-                edge.handle(req.map(Body::new), peer, uri.path()),
+                edge.handle(req.map(Body::new), peer, lane.as_deref(), uri.path()),
             )
             .await;
             let error = response.extensions().get::<ErrorId>();
@@ -134,7 +135,13 @@ impl server::Handler for Edge {
 }
 
 impl Edge {
-    async fn handle(&self, mut req: Request, peer: SocketAddr, path: &str) -> Response {
+    async fn handle(
+        &self,
+        mut req: Request,
+        peer: SocketAddr,
+        lane: Option<&proxy::Lane>,
+        path: &str,
+    ) -> Response {
         if is_idsync_path(path) {
             req.extensions_mut().insert(ConnectInfo(peer));
             // Boxed: the router's future is large and idsync's own endpoints are rare next to the
@@ -145,7 +152,10 @@ impl Edge {
             }
         } else {
             let state = &self.state;
-            cors::around(&state.cors, req, |req| reverse_proxy(state, peer, req)).await
+            cors::around(&state.cors, req, |req| {
+                reverse_proxy(state, peer, lane, req)
+            })
+            .await
         }
     }
 }
@@ -204,7 +214,7 @@ async fn proxy_fallback(
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
-    reverse_proxy(&state, client, req).await
+    reverse_proxy(&state, client, None, req).await
 }
 
 /// `GET /.idsync/me`: the caller's synced profile, the active tenant and every tenant they may switch to.
@@ -310,7 +320,12 @@ async fn pipeline(
     Ok(Some(admitted))
 }
 
-async fn reverse_proxy(state: &AppState, client: SocketAddr, mut req: Request) -> Response {
+async fn reverse_proxy(
+    state: &AppState,
+    client: SocketAddr,
+    lane: Option<&proxy::Lane>,
+    mut req: Request,
+) -> Response {
     let path = match paths::canonical(req.uri().path()) {
         Ok(p) => p,
         Err(e) => return ApiError::InvalidRequest(e.to_string()).into_response(),
@@ -325,7 +340,7 @@ async fn reverse_proxy(state: &AppState, client: SocketAddr, mut req: Request) -
     let valid_until = admitted.as_ref().map(|a| a.authenticated.expires_at());
     let span = trace::client_child("idsync.upstream");
     span.inject(req.headers_mut());
-    let mut response = match state.upstream.forward(req, client, valid_until).await {
+    let mut response = match state.upstream.forward(req, client, lane, valid_until).await {
         Ok(r) => r,
         Err(e) => {
             span.fail(e.code());
@@ -413,7 +428,12 @@ mod tests {
     fn a_proxied_requests_future_stays_small() {
         fn output_size<F, Fut>(_: F) -> usize
         where
-            F: FnOnce(Arc<Edge>, http::Request<hyper::body::Incoming>, SocketAddr) -> Fut,
+            F: FnOnce(
+                Arc<Edge>,
+                http::Request<hyper::body::Incoming>,
+                SocketAddr,
+                Option<Arc<proxy::Lane>>,
+            ) -> Fut,
         {
             std::mem::size_of::<Fut>()
         }

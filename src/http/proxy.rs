@@ -3,6 +3,10 @@
 //! upgrades spliced through until the token that opened them expires. Other `Upgrade` protocols are not
 //! tunnelled: the request goes on as a plain one. The upstream speaks HTTP/1.1, or HTTP/2 with prior
 //! knowledge for an `h2c://` upstream.
+//!
+//! A client's HTTP/1.1 connection that sends a second request gets an upstream connection of its own (a
+//! [`Lane`]), driven by the task that serves the client, so a request and its answer cross no task and no
+//! shared pool. First requests, upgrades, HTTP/2 and requests past `MAX_LANES` use the shared pool.
 
 use super::error::ApiError;
 use axum::body::Body;
@@ -12,7 +16,12 @@ use http::{
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 pub struct Upstream {
@@ -27,17 +36,35 @@ pub struct Upstream {
     /// Path prefix of the upstream URL, without a trailing slash.
     base_path: String,
     response_timeout: Duration,
+    connect_timeout: Duration,
+    /// `host:port` of the upstream, for a lane's own connection.
+    address: String,
+    /// Lane connections open now, across all client connections.
+    lanes: Arc<AtomicUsize>,
+}
+
+/// Upstream connections held by lanes at most; past this, requests share the pool. It bounds what
+/// idsync holds open against the app when many clients keep connections alive (as the pool keeps at
+/// most 256 idle ones).
+const MAX_LANES: usize = 256;
+
+/// Why a request found no answer.
+enum Failure {
+    Connect,
+    Closed,
 }
 
 /// RFC 9110 section 7.6.1. Not `Trailer`: it names the trailer fields end to end, and hyper sends an
 /// HTTP/1.1 client only the trailers it declares.
-const HOP_BY_HOP: &[HeaderName] = &[
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
 ];
 
 impl Upstream {
@@ -55,6 +82,11 @@ impl Upstream {
         connector.set_connect_timeout(Some(connect_timeout));
         connector.set_nodelay(true);
         let http2 = url.scheme() == "h2c";
+        let address = format!(
+            "{}:{}",
+            authority.host(),
+            authority.port_u16().unwrap_or(80)
+        );
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
@@ -73,16 +105,21 @@ impl Upstream {
             authority,
             base_path: url.path().trim_end_matches('/').to_owned(),
             response_timeout,
+            connect_timeout,
+            address,
+            lanes: Arc::default(),
         })
     }
 
     /// Forwards `req` (whose owned headers are already stripped and injected) and returns the upstream's
     /// answer. `valid_until` (Unix seconds) is the `exp` of the token that admitted the request: a
     /// WebSocket it opens is closed then.
+    /// `lane`: the client connection's own upstream connection, for an HTTP/1.1 client.
     pub async fn forward(
         &self,
         mut req: Request<Body>,
         client_addr: SocketAddr,
+        lane: Option<&Lane>,
         valid_until: Option<i64>,
     ) -> Result<Response<Body>, ApiError> {
         // A WebSocket over HTTP/2 would need extended CONNECT (RFC 8441): not offered to h2c upstreams.
@@ -172,19 +209,20 @@ impl Upstream {
         } else {
             req.map(|body| Body::new(WithoutTrailers(body)))
         };
+        // A WebSocket's connection becomes its tunnel, and HTTP/2 multiplexes one shared connection.
+        let lane = lane.filter(|_| upgrade.is_none() && !self.http2);
         let started = std::time::Instant::now();
         let result = match limit {
-            Some(limit) => tokio::time::timeout(limit, self.client.request(req)).await,
-            None => Ok(self.client.request(req).await),
+            Some(limit) => tokio::time::timeout(limit, self.send(req, lane)).await,
+            None => Ok(self.send(req, lane).await),
         };
         UPSTREAM_SECONDS.record(started.elapsed().as_secs_f64());
         let mut response = match result {
             Err(_) => return Err(ApiError::UpstreamTimeout),
-            Ok(Err(e)) => {
-                return Err(ApiError::UpstreamUnavailable(if e.is_connect() {
-                    "cannot connect to the upstream".into()
-                } else {
-                    "the upstream closed the connection".into()
+            Ok(Err(failure)) => {
+                return Err(ApiError::UpstreamUnavailable(match failure {
+                    Failure::Connect => "cannot connect to the upstream".into(),
+                    Failure::Closed => "the upstream closed the connection".into(),
                 }));
             }
             Ok(Ok(r)) => r,
@@ -224,6 +262,204 @@ impl Upstream {
 
         remove_hop_by_hop(response.headers_mut());
         Ok(response.map(Body::new))
+    }
+}
+
+impl Upstream {
+    /// Sends on the lane when it may carry this request, else through the shared pool.
+    async fn send(
+        &self,
+        req: Request<Body>,
+        lane: Option<&Lane>,
+    ) -> Result<Response<hyper::body::Incoming>, Failure> {
+        match lane {
+            Some(lane) if lane.claim() => self.send_on_lane(lane, req).await,
+            _ => self.send_pooled(req).await,
+        }
+    }
+
+    async fn send_pooled(
+        &self,
+        req: Request<Body>,
+    ) -> Result<Response<hyper::body::Incoming>, Failure> {
+        self.client.request(req).await.map_err(|e| {
+            if e.is_connect() {
+                Failure::Connect
+            } else {
+                Failure::Closed
+            }
+        })
+    }
+
+    async fn send_on_lane(
+        &self,
+        lane: &Lane,
+        mut req: Request<Body>,
+    ) -> Result<Response<hyper::body::Incoming>, Failure> {
+        let mut sender = match lane.take() {
+            Some(sender) => sender,
+            None => match self.open_lane(lane).await? {
+                Some(sender) => sender,
+                None => return self.send_pooled(req).await,
+            },
+        };
+        // The connection speaks origin-form; `Host` stays the client's (the pool does the same).
+        if !req.headers().contains_key(header::HOST)
+            && let Ok(host) = HeaderValue::from_str(self.authority.as_str())
+        {
+            req.headers_mut().insert(header::HOST, host);
+        }
+        if let Some(pq) = req.uri().path_and_query().cloned() {
+            *req.uri_mut() = Uri::from(pq);
+        }
+        // Ready once the previous answer has been read to its end; an error means the app closed it.
+        if sender.ready().await.is_err() {
+            return self.send_pooled(absolute(req, &self.authority)).await;
+        }
+        match sender.try_send_request(req).await {
+            Ok(response) => {
+                lane.give_back(sender);
+                Ok(response)
+            }
+            // Never written (the connection closed as it was taken): the pool gets it whole.
+            Err(mut e) => match e.take_message() {
+                Some(req) => self.send_pooled(absolute(req, &self.authority)).await,
+                None => Err(Failure::Closed),
+            },
+        }
+    }
+
+    /// A new connection for `lane`, or `None` when lanes are at their bound (the pool then serves).
+    async fn open_lane(
+        &self,
+        lane: &Lane,
+    ) -> Result<Option<hyper::client::conn::http1::SendRequest<Body>>, Failure> {
+        let Some(count) = LaneCount::take(&self.lanes) else {
+            return Ok(None);
+        };
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            tokio::net::TcpStream::connect(self.address.as_str()),
+        )
+        .await
+        .map_err(|_| Failure::Connect)?
+        .map_err(|_| Failure::Connect)?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|_| Failure::Closed)?;
+        lane.install(conn, count);
+        Ok(Some(sender))
+    }
+}
+
+/// `req`'s origin-form target made absolute again, as the pool wants it.
+fn absolute(mut req: Request<Body>, authority: &http::uri::Authority) -> Request<Body> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(authority.clone());
+    parts.path_and_query = req.uri().path_and_query().cloned();
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+    req
+}
+
+type LaneIo = hyper::client::conn::http1::Connection<TokioIo<tokio::net::TcpStream>, Body>;
+
+/// One client connection's own upstream connection. The task serving that client polls [`Lane::drive`]
+/// beside it, so the upstream's bytes are read and written in the same task as the client's.
+#[derive(Default)]
+pub struct Lane(Mutex<LaneState>);
+
+#[derive(Default)]
+struct LaneState {
+    /// Requests the client connection has sent so far (a first request goes to the pool: most clients
+    /// that send one request per connection never need a connection of their own).
+    requests: u8,
+    /// The idle request sender, if the connection is open and not carrying a request.
+    sender: Option<hyper::client::conn::http1::SendRequest<Body>>,
+    conn: Option<(Pin<Box<LaneIo>>, LaneCount)>,
+    /// The serving task, woken when a connection is installed.
+    waker: Option<Waker>,
+}
+
+impl Lane {
+    fn state(&self) -> std::sync::MutexGuard<'_, LaneState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether this request may use the lane: not the connection's first.
+    fn claim(&self) -> bool {
+        let mut state = self.state();
+        state.requests = state.requests.saturating_add(1);
+        state.requests > 1
+    }
+
+    fn take(&self) -> Option<hyper::client::conn::http1::SendRequest<Body>> {
+        self.state().sender.take().filter(|s| !s.is_closed())
+    }
+
+    fn give_back(&self, sender: hyper::client::conn::http1::SendRequest<Body>) {
+        let mut state = self.state();
+        if state.conn.is_some() {
+            state.sender = Some(sender);
+        }
+    }
+
+    fn install(&self, conn: LaneIo, count: LaneCount) {
+        let mut state = self.state();
+        // Replacing a connection closes the one before (it had no sender left).
+        state.conn = Some((Box::pin(conn), count));
+        state.sender = None;
+        if let Some(w) = &state.waker {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Reads and writes the lane's connection; never resolves (the caller selects it with the client's
+    /// connection, and dropping it closes the upstream connection).
+    pub fn drive(&self) -> impl std::future::Future<Output = std::convert::Infallible> + '_ {
+        std::future::poll_fn(move |cx: &mut Context<'_>| {
+            let mut state = self.state();
+            if !state
+                .waker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                state.waker = Some(cx.waker().clone());
+            }
+            if let Some((conn, _)) = &mut state.conn
+                && let Poll::Ready(result) = conn.as_mut().poll(cx)
+            {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "upstream connection ended with an error");
+                }
+                state.conn = None;
+                state.sender = None;
+            }
+            Poll::Pending
+        })
+    }
+}
+
+/// One open lane connection, counted against [`MAX_LANES`] until dropped.
+struct LaneCount(Arc<AtomicUsize>);
+
+impl LaneCount {
+    fn take(lanes: &Arc<AtomicUsize>) -> Option<Self> {
+        lanes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_LANES).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(lanes.clone()))
+    }
+}
+
+impl Drop for LaneCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -292,19 +528,31 @@ fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
 }
 
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers named in `Connection` are hop-by-hop too (RFC 9110 section 7.6.1).
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::try_from(t.trim()).ok())
-        .collect();
-    for n in named.iter().chain(HOP_BY_HOP) {
+    // Most requests carry none of them: one walk over the names they have costs a fraction of a hashed
+    // removal per hop-by-hop name. Responses usually carry only `Connection: keep-alive`.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
+    let doomed: Vec<HeaderName> = {
+        // Headers named in `Connection` are hop-by-hop too (RFC 9110 section 7.6.1).
+        let named: Vec<&str> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect();
+        headers
+            .keys()
+            .filter(|k| {
+                HOP_BY_HOP.contains(k) || named.iter().any(|n| n.eq_ignore_ascii_case(k.as_str()))
+            })
+            .cloned()
+            .collect()
+    };
+    for n in doomed {
         headers.remove(n);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
 }
 
 /// Keeps a client's `X-Request-Id` if it is short printable text, else generates one, so the app's logs
@@ -354,14 +602,34 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(
             header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret-hop"),
+            HeaderValue::from_static("keep-alive, X-Secret-Hop"),
         );
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.append("x-secret-hop", HeaderValue::from_static("2"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_without_a_connection_header_too() {
+        let mut h = HeaderMap::new();
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        let untouched = h.clone();
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), [header::ACCEPT]);
+        let mut clean = HeaderMap::new();
+        clean.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        remove_hop_by_hop(&mut clean);
+        assert_eq!(clean.len(), 1);
+        assert_eq!(untouched.len(), 3);
     }
 
     #[test]

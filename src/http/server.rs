@@ -3,6 +3,7 @@
 //! handler, a header-read timeout (without a timer hyper never times out a client that sends headers slowly, so a
 //! slowloris could hold connections open for ever), and graceful shutdown that lets in-flight requests end.
 
+use super::proxy::Lane;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
@@ -24,12 +25,14 @@ const MAX_CONCURRENT_STREAMS: u32 = 256;
 /// about 400 KiB of buffer; 64 KiB is ample for a bearer token and cookies).
 const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 
-/// What a listener runs for each request.
+/// What a listener runs for each request. `lane`: the client connection's own upstream connection (an
+/// HTTP/1.1 client's; `None` for HTTP/2), driven by the task that serves the connection.
 pub trait Handler: Send + Sync + 'static {
     fn call(
         self: Arc<Self>,
         req: hyper::Request<Incoming>,
         peer: SocketAddr,
+        lane: Option<Arc<Lane>>,
     ) -> impl Future<Output = http::Response<Body>> + Send + 'static;
 }
 
@@ -41,6 +44,7 @@ impl Handler for Routes {
         self: Arc<Self>,
         mut req: hyper::Request<Incoming>,
         peer: SocketAddr,
+        _lane: Option<Arc<Lane>>,
     ) -> impl Future<Output = http::Response<Body>> + Send + 'static {
         req.extensions_mut().insert(ConnectInfo(peer));
         let router = self.0.clone();
@@ -89,13 +93,17 @@ pub async fn serve<H: Handler>(
             let activity = Arc::new(Activity::default());
             // Only HTTP/2 connections are watched for idleness (HTTP/1.1 has its header-read timeout).
             let seen = http2.then(|| activity.clone());
+            // HTTP/1.1 carries one request at a time: one upstream connection serves the client's.
+            let lane = (!http2).then(|| Arc::new(Lane::default()));
+            let lane_for_requests = lane.clone();
             let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
                 let handler = handler.clone();
                 let guard = seen.as_ref().map(Activity::start);
+                let lane = lane_for_requests.clone();
                 // The handler's future is made inside this one, not captured by it: captured, it would
                 // be laid out twice (rust-lang/rust#62958) and hyper moves this future per request.
                 async move {
-                    let response = handler.call(req, peer).await;
+                    let response = handler.call(req, peer, lane).await;
                     Ok::<_, Infallible>(match guard {
                         None => response,
                         // In flight until the response body has been sent (a gRPC stream may outlive
@@ -141,11 +149,19 @@ pub async fn serve<H: Handler>(
                     .header_read_timeout(header_read_timeout);
                 let conn = builder.serve_connection(io, service).with_upgrades();
                 tokio::pin!(conn);
+                let lane = lane.expect("an HTTP/1.1 connection has a lane");
+                let drive = lane.drive();
+                tokio::pin!(drive);
                 tokio::select! {
                     result = conn.as_mut() => log_end(result.err(), peer),
+                    never = &mut drive => match never {},
                     () = stopped(&mut shutdown) => {
                         conn.as_mut().graceful_shutdown();
-                        let _ = conn.as_mut().await;
+                        // In-flight requests still need their upstream connection read.
+                        tokio::select! {
+                            _ = conn.as_mut() => {}
+                            never = &mut drive => match never {},
+                        }
                     }
                 }
             }

@@ -4,6 +4,7 @@
 use crate::helpers::{app, assert_error};
 use devkit::SigningAlg;
 use serde_json::json;
+use std::time::Duration;
 
 #[tokio::test]
 async fn keycloak_token_reaches_the_upstream_with_identity_headers() {
@@ -218,4 +219,102 @@ async fn client_request_id_is_kept() {
         )
         .await;
     assert_eq!(echo.header("x-request-id").as_deref(), Some("req-123"));
+}
+
+/// From its second request on, a keep-alive client's requests go over an upstream connection of its
+/// own (a lane, driven by the task serving the client); bodies stream through it both ways.
+#[tokio::test]
+async fn a_keep_alive_client_gets_an_upstream_connection_of_its_own() {
+    let t = app().start().await;
+    let token = t.issuer.mint(t.issuer.claims_for("u"));
+    let mut peers = Vec::new();
+    for i in 0..6 {
+        let echo = t
+            .echo(
+                t.http
+                    .post(t.url(&format!("/items/{i}")))
+                    .bearer_auth(&token)
+                    .body(vec![b'x'; 100_000 * i]),
+            )
+            .await;
+        assert_eq!(echo.status, 200, "{}", echo.body);
+        assert_eq!(echo.body["path"], format!("/items/{i}"));
+        assert_eq!(echo.body["body_bytes"], 100_000 * i);
+        peers.push(echo.body["peer"].as_str().unwrap().to_owned());
+    }
+    assert!(
+        peers[2..].iter().all(|p| *p == peers[1]),
+        "the lane carries every request after the first: {peers:?}"
+    );
+    assert_ne!(peers[0], peers[1], "the first request used the shared pool");
+
+    // A second client connection has a lane of its own.
+    let other = reqwest::Client::new();
+    let mut theirs = Vec::new();
+    for _ in 0..2 {
+        let echo = t.echo(other.get(t.url("/")).bearer_auth(&token)).await;
+        theirs.push(echo.body["peer"].as_str().unwrap().to_owned());
+    }
+    assert!(!peers.contains(&theirs[1]), "{peers:?} {theirs:?}");
+}
+
+/// An app that answers one request per connection and then closes it (a short keep-alive timeout), or
+/// answers `Connection: close`: the client's next request still gets through, over a new connection.
+#[tokio::test]
+async fn a_lane_closed_by_the_app_is_replaced() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => head.extend_from_slice(&buf[..k]),
+                    }
+                }
+                // Every other connection says it closes; the rest close quietly a moment later.
+                let close = if n.is_multiple_of(2) {
+                    "connection: close\r\n"
+                } else {
+                    ""
+                };
+                let answer = format!("HTTP/1.1 200 OK\r\n{close}content-length: 2\r\n\r\nok");
+                let _ = s.write_all(answer.as_bytes()).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            });
+        }
+    });
+    let t = app().upstream(&upstream).start().await;
+    let token = t.issuer.mint(t.issuer.claims_for("u"));
+    for i in 0..8 {
+        let r = t.get_with_token("/", &token).await;
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(r.text().await.unwrap(), "ok");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 8);
+    server.abort();
+}
+
+/// A lane whose request timed out (504) is not reused for the next request on that client connection.
+#[tokio::test]
+async fn a_timed_out_request_does_not_poison_the_clients_next_one() {
+    let t = app().arg("--upstream-timeout").arg("300ms").start().await;
+    let token = t.issuer.mint(t.issuer.claims_for("u"));
+    let first = t.echo(t.http.get(t.url("/")).bearer_auth(&token)).await;
+    assert_eq!(first.status, 200);
+    let r = t.get_with_token("/slow/2000", &token).await;
+    assert_error(r, 504, "upstream_timeout").await;
+    for path in ["/after", "/slow/10", "/again"] {
+        let echo = t.echo(t.http.get(t.url(path)).bearer_auth(&token)).await;
+        assert_eq!(echo.status, 200, "{path}: {}", echo.body);
+    }
 }
