@@ -288,7 +288,7 @@ async fn a_lane_closed_by_the_app_is_replaced() {
                 };
                 let answer = format!("HTTP/1.1 200 OK\r\n{close}content-length: 2\r\n\r\nok");
                 let _ = s.write_all(answer.as_bytes()).await;
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
             });
         }
     });
@@ -298,7 +298,8 @@ async fn a_lane_closed_by_the_app_is_replaced() {
         let r = t.get_with_token("/", &token).await;
         assert_eq!(r.status(), 200, "request {i}");
         assert_eq!(r.text().await.unwrap(), "ok");
-        tokio::time::sleep(Duration::from_millis(60)).await;
+        // Well after the app has closed: a close racing a request is HTTP/1.1's, pool or lane.
+        tokio::time::sleep(Duration::from_millis(150)).await;
     }
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 8);
     server.abort();
@@ -317,4 +318,29 @@ async fn a_timed_out_request_does_not_poison_the_clients_next_one() {
         let echo = t.echo(t.http.get(t.url(path)).bearer_auth(&token)).await;
         assert_eq!(echo.status, 200, "{path}: {}", echo.body);
     }
+}
+
+/// Clients that send a few requests per connection and leave (a CLI, a batch job) do not cost the app
+/// a new connection each: an idle lane connection outlives its client as a spare for the next lane.
+#[tokio::test]
+async fn a_leaving_clients_upstream_connection_serves_the_next_client() {
+    let t = app().start().await;
+    let token = t.issuer.mint(t.issuer.claims_for("u"));
+    let mut peers = std::collections::HashSet::new();
+    for _ in 0..8 {
+        let client = reqwest::Client::new();
+        for _ in 0..3 {
+            let echo = t.echo(client.get(t.url("/")).bearer_auth(&token)).await;
+            assert_eq!(echo.status, 200, "{}", echo.body);
+            peers.insert(echo.body["peer"].as_str().unwrap().to_owned());
+        }
+        drop(client);
+        // The client's connection is closed; idsync's task for it ends and parks its lane.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        peers.len() <= 3,
+        "8 clients of 3 requests each opened {} upstream connections",
+        peers.len()
+    );
 }
