@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+#[derive(Clone)]
 struct Opts {
     duration: u64,
     connections: u32,
@@ -471,6 +472,7 @@ fn idsync_binary(baseline: bool) -> PathBuf {
 }
 
 fn spawn_idsync(
+    wrapper: &str,
     binary: &Path,
     core: Option<&str>,
     upstream: &str,
@@ -479,18 +481,7 @@ fn spawn_idsync(
     extra: &[&str],
 ) -> (Proc, String, String) {
     let (port, admin) = (free_port(), free_port());
-    // IDSYNC_BENCH_WRAPPER runs idsync under a profiler, e.g. "perf record -g -o idsync.perf".
-    let wrapper = std::env::var("IDSYNC_BENCH_WRAPPER").unwrap_or_default();
-    let mut words = wrapper.split_whitespace();
-    let mut command = match words.next() {
-        Some(program) => {
-            let mut c = pinned(core, &which(program));
-            c.args(words).arg(binary);
-            c
-        }
-        None => pinned(core, binary),
-    };
-    let child = command
+    let child = wrapped(wrapper, core, binary)
         .env_clear()
         .args([
             "--listen",
@@ -520,6 +511,88 @@ fn spawn_idsync(
     )
 }
 
+/// `binary` pinned to `core`, under `wrapper` (a profiler's command line) when it is not empty.
+fn wrapped(wrapper: &str, core: Option<&str>, binary: &Path) -> Command {
+    let mut words = wrapper.split_whitespace();
+    match words.next() {
+        Some(program) => {
+            let mut c = pinned(core, &which(program));
+            c.args(words).arg(binary);
+            c
+        }
+        None => pinned(core, binary),
+    }
+}
+
+/// User-space instructions per request of a proxy already running under callgrind (`pid`): counters
+/// zeroed after a warm-up, one wrk run, counters dumped. Exact for a given build and input, whatever
+/// else the machine is doing, where req/s on this machine moves by a third within the hour; the
+/// kernel's share is not counted (see syscalls per request in BENCHMARKS.md).
+#[allow(clippy::too_many_arguments)]
+fn instructions_per_request(
+    label: &str,
+    url: &str,
+    pid: u32,
+    out_dir: &Path,
+    tokens: &Path,
+    o: &Opts,
+    scripts: &Scripts,
+    core: Option<&str>,
+) -> Option<(f64, f64)> {
+    let control = |cmd: &str| {
+        Command::new("callgrind_control")
+            .args([cmd, &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let short = Opts {
+        duration: 2,
+        ..o.clone()
+    };
+    wrk(label, url, tokens, &short, None, scripts, None, core);
+    if !control("-z") {
+        return None;
+    }
+    let run = wrk(label, url, tokens, o, None, scripts, None, core);
+    let before: std::collections::HashSet<PathBuf> = dumps(out_dir).into_iter().collect();
+    if !control("-d") {
+        return None;
+    }
+    let dump = dumps(out_dir)
+        .into_iter()
+        .find(|p| !before.contains(p) && !p.ends_with("valgrind.log"))?;
+    println!("  {label}: {}", dump.display());
+    let text = std::fs::read_to_string(dump).ok()?;
+    let ir: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("summary:")
+                .or_else(|| l.strip_prefix("totals:"))
+        })?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let requests = run.rps * run.seconds;
+    (requests > 0.0).then(|| (ir / requests, requests))
+}
+
+/// A directory name for a target's label.
+fn instructions_dir(label: &str) -> String {
+    label
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect()
+}
+
+fn dumps(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
 fn which(program: &str) -> PathBuf {
     let out = Command::new("sh")
         .args(["-c", &format!("command -v {program}")])
@@ -547,7 +620,9 @@ async fn start_idsync_with(
     db: &str,
     extra: &[&str],
 ) -> (Proc, String) {
-    let (p, url, admin) = spawn_idsync(binary, core, upstream, issuer, db, extra);
+    // IDSYNC_BENCH_WRAPPER runs idsync under a profiler, e.g. "perf record -g -o idsync.perf".
+    let wrapper = std::env::var("IDSYNC_BENCH_WRAPPER").unwrap_or_default();
+    let (p, url, admin) = spawn_idsync(&wrapper, binary, core, upstream, issuer, db, extra);
     wait_http(&format!("{admin}/readyz"), None).await;
     ADMIN.lock().unwrap().insert(p.0.id(), admin);
     (p, url)
@@ -872,6 +947,116 @@ async fn main() {
         }
     }
 
+    // User-space instructions per request under callgrind (valgrind): nginx, idsync's bare forwarding,
+    // idsync warm (and the baseline build), the same tokens, one after another.
+    let mut instructions: Vec<(String, f64, f64)> = Vec::new();
+    if on("instructions") {
+        let callgrind = |label: &str| {
+            // Kept after the run, for `callgrind_annotate --inclusive=yes <dump>`.
+            let out = target_dir().join("callgrind").join(instructions_dir(label));
+            let _ = std::fs::remove_dir_all(&out);
+            std::fs::create_dir_all(&out).unwrap();
+            let wrapper = format!(
+                "valgrind --tool=callgrind --log-file={0}/valgrind.log --callgrind-out-file={0}/callgrind.%p",
+                out.display()
+            );
+            (out, wrapper)
+        };
+        let mut measure =
+            |label: &str, url: &str, p: &Proc, out: &Path| match instructions_per_request(
+                label,
+                url,
+                p.0.id(),
+                out,
+                &warm_file,
+                &o,
+                &scripts,
+                client_core,
+            ) {
+                Some((per, requests)) => instructions.push((label.to_owned(), per, requests)),
+                None => {
+                    println!("{label}: callgrind_control did not answer (is valgrind installed?)")
+                }
+            };
+        let label = "nginx, no auth";
+        println!("instructions: {label}");
+        let (out, wrapper) = callgrind(label);
+        let port = free_port();
+        let conf = render(
+            "nginx.conf",
+            dir.path(),
+            &[
+                ("DIR", dir.path().display().to_string()),
+                ("APP_PORT", app_port.to_string()),
+                ("PORT", port.to_string()),
+            ],
+        );
+        let url = format!("http://127.0.0.1:{port}");
+        let p = Proc(
+            wrapped(&wrapper, proxy_core, &nginx)
+                .arg("-c")
+                .arg(&conf)
+                .arg("-e")
+                .arg("stderr")
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("valgrind (Debian valgrind)"),
+        );
+        wait_http(&url, None).await;
+        measure(label, &url, &p, &out);
+        drop(p);
+
+        let label = "idsync forwarding, no auth";
+        println!("instructions: {label}");
+        let (out, wrapper) = callgrind(label);
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let p = Proc(
+            wrapped(
+                &wrapper,
+                proxy_core,
+                &target_dir().join("examples/passthrough"),
+            )
+            .args([format!("127.0.0.1:{port}"), app_url.clone()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("valgrind (Debian valgrind)"),
+        );
+        wait_http(&url, None).await;
+        measure(label, &url, &p, &out);
+        drop(p);
+
+        let baseline = std::env::var_os("IDSYNC_BENCH_BASELINE").is_some();
+        for (binary, label) in [
+            (false, "idsync warm (SQLite)"),
+            (true, "idsync warm (SQLite, baseline)"),
+        ] {
+            if binary && !baseline {
+                continue;
+            }
+            println!("instructions: {label}");
+            let (out, wrapper) = callgrind(label);
+            let db = format!(
+                "sqlite://{}/instructions-{}.db?mode=rwc",
+                dir.path().display(),
+                instructions_dir(label)
+            );
+            let (p, url, admin) = spawn_idsync(
+                &wrapper,
+                &idsync_binary(binary),
+                proxy_core,
+                &app_url,
+                &idsync_issuer,
+                &db,
+                &[],
+            );
+            wait_http(&format!("{admin}/readyz"), None).await;
+            prime(&format!("{url}/"), &warm).await;
+            measure(label, &url, &p, &out);
+        }
+    }
+
     if on("nocache") {
         println!("idsync, token cache off (RS256 verify per request)");
         let db = format!("sqlite://{}/nocache.db?mode=rwc", dir.path().display());
@@ -1066,6 +1251,20 @@ async fn main() {
         .find(|r| r.name.starts_with("nginx"))
         .map(|r| r.rps);
     print_table("side by side", &lineup, nginx_rps, "x nginx");
+    if !instructions.is_empty() {
+        println!();
+        println!(
+            "user-space instructions per request (callgrind; the kernel's work is not counted):"
+        );
+        let nginx = instructions
+            .iter()
+            .find(|(l, ..)| l.starts_with("nginx"))
+            .map(|(_, per, _)| *per);
+        for (label, per, requests) in &instructions {
+            let ratio = nginx.map_or(String::new(), |n| format!("{:>6.2}x nginx", per / n));
+            println!("  {label:<34} {per:>9.0}  {ratio}  ({requests:.0} requests)");
+        }
+    }
     print_table("idsync alone", &runs, None, "");
 
     println!();
