@@ -104,9 +104,9 @@ pub fn apply(headers: &mut HeaderMap, trusted: &TrustedProxies, peer: SocketAddr
     // The peer's address as text, made once per request (the standard formatter costs more than the rest
     // of this function together).
     let ip_text = ip_text(ip);
-    let node = match ip {
-        IpAddr::V6(_) => format!("\"[{ip_text}]\""),
-        IpAddr::V4(_) => ip_text.clone(),
+    let node: std::borrow::Cow<str> = match ip {
+        IpAddr::V6(_) => format!("\"[{ip_text}]\"").into(),
+        IpAddr::V4(_) => ip_text.as_str().into(),
     };
     if trusted.trusts(ip) {
         let prior: Vec<&str> = headers
@@ -131,8 +131,8 @@ pub fn apply(headers: &mut HeaderMap, trusted: &TrustedProxies, peer: SocketAddr
         } else {
             format!("{}, for={node}", forwarded.join(", "))
         };
-        set(headers, XFF, &xff);
-        set(headers, header::FORWARDED, &forwarded);
+        set(headers, XFF, xff);
+        set(headers, header::FORWARDED, forwarded);
         if !headers.contains_key(&XF_PROTO) {
             headers.insert(XF_PROTO, HeaderValue::from_static("http"));
         }
@@ -142,19 +142,19 @@ pub fn apply(headers: &mut HeaderMap, trusted: &TrustedProxies, peer: SocketAddr
             headers.insert(XF_HOST, h.clone());
         }
         if !headers.contains_key(&X_REAL_IP) {
-            set(headers, X_REAL_IP, &ip_text);
+            set(headers, X_REAL_IP, ip_text);
         }
     } else {
         for n in [&XF_PORT, &XF_HOST] {
             headers.remove(n);
         }
-        set(headers, XFF, &ip_text);
-        set(headers, X_REAL_IP, &ip_text);
         set(
             headers,
             header::FORWARDED,
-            &own_forwarded(&node, host.as_ref()),
+            own_forwarded(&node, host.as_ref()),
         );
+        set(headers, XFF, ip_text.clone());
+        set(headers, X_REAL_IP, ip_text);
         headers.insert(XF_PROTO, HeaderValue::from_static("http"));
         if let Some(h) = host {
             headers.insert(XF_HOST, h);
@@ -198,8 +198,9 @@ fn own_forwarded(node: &str, host: Option<&HeaderValue>) -> String {
     f
 }
 
-fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    if let Ok(v) = HeaderValue::from_str(value) {
+/// `value` becomes the header value without a copy.
+fn set(headers: &mut HeaderMap, name: HeaderName, value: String) {
+    if let Ok(v) = HeaderValue::try_from(value) {
         headers.insert(name, v);
     } else {
         headers.remove(name);

@@ -54,8 +54,14 @@ pub fn canonical(name: &str) -> std::borrow::Cow<'_, str> {
 impl HeaderNames {
     pub fn new(prefix: &str) -> Result<Self, String> {
         let name = |suffix: &str| {
-            HeaderName::try_from(format!("{prefix}{suffix}"))
-                .map_err(|_| "does not make valid header names".to_string())
+            let n = HeaderName::try_from(format!("{prefix}{suffix}"))
+                .map_err(|_| "does not make valid header names".to_string())?;
+            // Made static (a few bytes, once per configuration): every admitted request clones these
+            // names into its headers, and a static name's clone and drop are free where a shared one's
+            // are two atomic operations.
+            Ok::<_, String>(HeaderName::from_static(Box::leak(
+                n.as_str().to_owned().into_boxed_str(),
+            )))
         };
         let mut owned = Vec::new();
         for p in [prefix, DEFAULT_PREFIX] {

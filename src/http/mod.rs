@@ -106,16 +106,27 @@ impl server::Handler for Edge {
             // Noted before the request is handed on: a refused gRPC call is answered in gRPC's shape,
             // after the log line and the span have recorded the HTTP status it stands for.
             let grpc = !is_idsync_path(uri.path()) && grpc::is_grpc(req.headers());
+            // Who was admitted, for the log line and the span: set by the reverse proxy here (a response
+            // extension would cost a map allocated per request), by idsync's own endpoints as an extension.
+            let admitted = std::sync::OnceLock::new();
             // Built and awaited in one expression: a request future kept in a local first would be
             // laid out twice in this one (rust-lang/rust#62958), and hyper moves it whole per request.
             let response = trace::traced(
                 trace_id,
                 span.as_ref().map(|s| s.context().clone()),
-                edge.handle(req.map(Body::new), peer, lane.as_deref(), uri.path()),
+                edge.handle(
+                    req.map(Body::new),
+                    peer,
+                    lane.as_deref(),
+                    uri.path(),
+                    &admitted,
+                ),
             )
             .await;
             let error = response.extensions().get::<ErrorId>();
-            let who = response.extensions().get::<LogIdentity>();
+            let who = admitted
+                .get()
+                .or_else(|| response.extensions().get::<LogIdentity>());
             if let Some(span) = span {
                 span.finish(
                     response.status().as_u16(),
@@ -124,7 +135,7 @@ impl server::Handler for Edge {
                     who.and_then(|w| w.0.tenant_id()),
                 );
             }
-            log_request(&method, uri.path(), &response, started, trace_id);
+            log_request(&method, uri.path(), &response, who, started, trace_id);
             if grpc {
                 grpc::refusal(response)
             } else {
@@ -141,6 +152,7 @@ impl Edge {
         peer: SocketAddr,
         lane: Option<&proxy::Lane>,
         path: &str,
+        admitted: &std::sync::OnceLock<LogIdentity>,
     ) -> Response {
         if is_idsync_path(path) {
             req.extensions_mut().insert(ConnectInfo(peer));
@@ -153,7 +165,7 @@ impl Edge {
         } else {
             let state = &self.state;
             cors::around(&state.cors, req, |req| {
-                reverse_proxy(state, peer, lane, req)
+                reverse_proxy(state, peer, lane, req, admitted)
             })
             .await
         }
@@ -166,6 +178,7 @@ fn log_request(
     method: &http::Method,
     path: &str,
     response: &Response,
+    who: Option<&LogIdentity>,
     started: std::time::Instant,
     trace_id: Option<trace::TraceId>,
 ) {
@@ -177,7 +190,6 @@ fn log_request(
         None => FORWARDED.increment(1),
         Some(e) => metrics::counter!("idsync_requests_total", "outcome" => e.code).increment(1),
     }
-    let who = response.extensions().get::<LogIdentity>();
     crate::telemetry::access::record(&crate::telemetry::access::Line {
         method: method.as_str(),
         path,
@@ -214,7 +226,12 @@ async fn proxy_fallback(
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
-    reverse_proxy(&state, client, None, req).await
+    let admitted = std::sync::OnceLock::new();
+    let mut response = reverse_proxy(&state, client, None, req, &admitted).await;
+    if let Some(who) = admitted.into_inner() {
+        response.extensions_mut().insert(who);
+    }
+    response
 }
 
 /// `GET /.idsync/me`: the caller's synced profile, the active tenant and every tenant they may switch to.
@@ -325,6 +342,7 @@ async fn reverse_proxy(
     client: SocketAddr,
     lane: Option<&proxy::Lane>,
     mut req: Request,
+    admitted_as: &std::sync::OnceLock<LogIdentity>,
 ) -> Response {
     let path = match paths::canonical(req.uri().path()) {
         Ok(p) => p,
@@ -340,7 +358,7 @@ async fn reverse_proxy(
     let valid_until = admitted.as_ref().map(|a| a.authenticated.expires_at());
     let span = trace::client_child("idsync.upstream");
     span.inject(req.headers_mut());
-    let mut response = match state.upstream.forward(req, client, lane, valid_until).await {
+    let response = match state.upstream.forward(req, client, lane, valid_until).await {
         Ok(r) => r,
         Err(e) => {
             span.fail(e.code());
@@ -349,7 +367,7 @@ async fn reverse_proxy(
     };
     drop(span);
     if let Some(a) = &admitted {
-        response.extensions_mut().insert(LogIdentity::of(a));
+        let _ = admitted_as.set(LogIdentity::of(a));
     }
     response
 }

@@ -612,8 +612,26 @@ fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
 
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // Most requests carry none of them: one walk over the names they have costs a fraction of a hashed
-    // removal per hop-by-hop name. Responses usually carry only `Connection: keep-alive`.
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    // removal per hop-by-hop name.
+    let (mut any, mut only_connection) = (false, true);
+    for k in headers.keys().filter(|k| HOP_BY_HOP.contains(k)) {
+        any = true;
+        only_connection &= k == header::CONNECTION;
+    }
+    if !any {
+        return;
+    }
+    // Responses usually carry only `Connection: keep-alive` (nginx, most app servers). It names no
+    // header that is there (a `Keep-Alive` would have failed `only_connection`): one removal, no lists.
+    if only_connection
+        && headers.get_all(header::CONNECTION).iter().all(|v| {
+            v.as_bytes().split(|&b| b == b',').all(|t| {
+                let t = t.trim_ascii();
+                t.is_empty() || t.eq_ignore_ascii_case(b"keep-alive")
+            })
+        })
+    {
+        headers.remove(header::CONNECTION);
         return;
     }
     let doomed: Vec<HeaderName> = {
@@ -641,11 +659,13 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// Keeps a client's `X-Request-Id` if it is short printable text, else generates one, so the app's logs
 /// and idsync's can be joined.
 fn ensure_request_id(headers: &mut HeaderMap) {
-    let ok = headers.get("x-request-id").is_some_and(|v| {
+    // A constant: a `&str` name is parsed and checked again on every lookup.
+    const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    let ok = headers.get(&X_REQUEST_ID).is_some_and(|v| {
         !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(|b| (0x21..0x7f).contains(b))
     });
     if !ok {
-        headers.insert("x-request-id", request_id());
+        headers.insert(X_REQUEST_ID, request_id());
     }
 }
 
@@ -711,6 +731,30 @@ mod tests {
         clean.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
         remove_hop_by_hop(&mut clean);
         assert_eq!(clean.len(), 1);
+    }
+
+    #[test]
+    fn connection_keep_alive_alone_takes_the_short_way_and_lists_still_name_headers() {
+        // What nginx answers with: only `Connection` goes.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), [header::CONTENT_LENGTH]);
+        // Two `Connection` lines, the second naming a header: the short way would keep `x-hop`.
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.append(header::CONNECTION, HeaderValue::from_static(" ,x-hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), [header::ACCEPT]);
+        // `close` names a header called `close`, should one be there.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        h.insert("close", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]

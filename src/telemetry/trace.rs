@@ -104,7 +104,8 @@ impl<F: Future> Future for Traced<F> {
 /// `version-traceid-parentid-flags` in lowercase hex, version not `ff`, ids not all zero. Anything else is
 /// no trace id (and, with tracing on, the request starts a new trace).
 pub fn incoming_trace_id(headers: &http::HeaderMap) -> Option<TraceId> {
-    let mut values = headers.get_all("traceparent").iter();
+    const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+    let mut values = headers.get_all(&TRACEPARENT).iter();
     let (Some(value), None) = (values.next(), values.next()) else {
         return None;
     };
