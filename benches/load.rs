@@ -164,6 +164,12 @@ fn target_dir() -> PathBuf {
 
 /// CPU seconds (user + system) of a process, from /proc.
 fn cpu_seconds(pid: u32) -> f64 {
+    let (user, sys) = cpu_split(pid);
+    user + sys
+}
+
+/// (user, system) CPU seconds of `pid`: how much of a proxy's time the kernel's side of its sockets takes.
+fn cpu_split(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit_once(')')
@@ -176,7 +182,7 @@ fn cpu_seconds(pid: u32) -> f64 {
             .unwrap_or(0.0)
     };
     // Fields after the command name start at index 3 (state); utime and stime are the 14th and 15th.
-    (ticks(11) + ticks(12)) / 100.0
+    (ticks(11) / 100.0, ticks(12) / 100.0)
 }
 
 /// A `/proc/<pid>/status` figure in KiB (`VmHWM:` peak RSS, `VmRSS:` current), 0 if unreadable.
@@ -247,6 +253,8 @@ struct Run {
     errors: u64,
     /// CPU seconds of the process under test during the run.
     cpu: Option<f64>,
+    /// The kernel's share of `cpu`.
+    sys_share: Option<f64>,
     rss_mib: Option<f64>,
     /// CPU seconds the local PostgreSQL server's processes used during the run.
     db_cpu: f64,
@@ -272,7 +280,7 @@ fn wrk(
     core: Option<&str>,
 ) -> Run {
     let threads = if core.is_some() { 1 } else { 2 };
-    let cpu_before = pid.map(cpu_seconds);
+    let cpu_before = pid.map(cpu_split);
     let (db_before, machine_before) = (postgres_cpu(), machine_ticks());
     let script = if rate.is_some() {
         &scripts.paced
@@ -305,6 +313,7 @@ fn wrk(
         .unwrap_or_else(|| panic!("wrk said: {text}"));
     let r: Value = serde_json::from_str(line).unwrap();
     let (db_after, machine_after) = (postgres_cpu(), machine_ticks());
+    let cpu_after = pid.map(cpu_split);
     let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
     Run {
         name: name.into(),
@@ -315,9 +324,12 @@ fn wrk(
         p99: f("p99"),
         max: f("max"),
         errors: (f("socket_errors") + f("non2xx")) as u64,
-        cpu: cpu_before
-            .zip(pid)
-            .map(|(before, pid)| cpu_seconds(pid) - before),
+        cpu: cpu_after
+            .zip(cpu_before)
+            .map(|(a, b)| a.0 + a.1 - b.0 - b.1),
+        sys_share: cpu_after
+            .zip(cpu_before)
+            .map(|(a, b)| (a.1 - b.1) / (a.0 + a.1 - b.0 - b.1).max(0.01)),
         rss_mib: pid.map(|p| status_kib(p, "VmHWM:") as f64 / 1024.0),
         db_cpu: db_after - db_before,
         busy: (machine_after.0 - machine_before.0) as f64
@@ -586,10 +598,11 @@ fn nginx_proxy(
     nginx: &Path,
     dir: &Path,
     app_port: u16,
+    conf: &str,
 ) -> (Proc, String) {
     let port = free_port();
     let conf = render(
-        "nginx.conf",
+        conf,
         dir,
         &[
             ("DIR", dir.display().to_string()),
@@ -825,9 +838,22 @@ async fn main() {
             url: app_url.clone(),
             proc: None,
         }];
-        let (p, url) = nginx_proxy("", proxy_core, &nginx, dir.path(), app_port);
+        let (p, url) = nginx_proxy("", proxy_core, &nginx, dir.path(), app_port, "nginx.conf");
         targets.push(Target {
             label: "nginx, no auth".into(),
+            url,
+            proc: Some(p),
+        });
+        let (p, url) = nginx_proxy(
+            "",
+            proxy_core,
+            &nginx,
+            dir.path(),
+            app_port,
+            "nginx-deployed.conf",
+        );
+        targets.push(Target {
+            label: "as deployed: nginx, no auth, X-Forwarded-*, access log".into(),
             url,
             proc: Some(p),
         });
@@ -997,7 +1023,14 @@ async fn main() {
         let label = "nginx, no auth";
         println!("instructions: {label}");
         let (out, wrapper) = callgrind(label);
-        let (p, url) = nginx_proxy(&wrapper, proxy_core, &nginx, dir.path(), app_port);
+        let (p, url) = nginx_proxy(
+            &wrapper,
+            proxy_core,
+            &nginx,
+            dir.path(),
+            app_port,
+            "nginx.conf",
+        );
         wait_http(&url, None).await;
         measure(label, &url, &p, &out);
         drop(p);
@@ -1341,7 +1374,7 @@ fn print_table(title: &str, runs: &[Run], base: Option<f64>, base_label: &str) {
     println!();
     println!("{title}:");
     println!(
-        "{:<64} {:>9} {:>8} {:>7} {:>7} {:>7} {:>8} {:>6} {:>8} {:>8} {:>8} {:>6}",
+        "{:<64} {:>9} {:>8} {:>7} {:>7} {:>7} {:>8} {:>6} {:>8} {:>5} {:>8} {:>8} {:>6}",
         "",
         "req/s",
         base_label,
@@ -1351,13 +1384,14 @@ fn print_table(title: &str, runs: &[Run], base: Option<f64>, base_label: &str) {
         "max",
         "errors",
         "CPU us/r",
+        "sys%",
         "RSS MiB",
         "pg cpu s",
         "busy%"
     );
     for r in runs {
         println!(
-            "{:<64} {:>9.0} {:>8} {:>7.0} {:>7.0} {:>7.0} {:>8.0} {:>6} {:>8} {:>8} {:>8.1} {:>6.0}",
+            "{:<64} {:>9.0} {:>8} {:>7.0} {:>7.0} {:>7.0} {:>8.0} {:>6} {:>8} {:>5} {:>8} {:>8.1} {:>6.0}",
             r.name,
             r.rps,
             base.map_or(String::new(), |b| format!("{:.2}", r.rps / b)),
@@ -1371,6 +1405,8 @@ fn print_table(title: &str, runs: &[Run], base: Option<f64>, base_label: &str) {
                 "{:.1}",
                 c * 1e6 / (r.rps * r.seconds).max(1.0)
             )),
+            r.sys_share
+                .map_or("-".into(), |s| format!("{:.0}", s * 100.0)),
             r.rss_mib.map_or("-".into(), |m| format!("{m:.1}")),
             r.db_cpu,
             r.busy * 100.0,
