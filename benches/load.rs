@@ -170,6 +170,12 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 /// (user, system) CPU seconds of `pid`: how much of a proxy's time the kernel's side of its sockets takes.
 fn cpu_split(pid: u32) -> (f64, f64) {
+    let (user, sys, _) = proc_stat(pid);
+    (user, sys)
+}
+
+/// (user CPU seconds, system CPU seconds, minor page faults) of `pid` from `/proc/<pid>/stat`.
+fn proc_stat(pid: u32) -> (f64, f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit_once(')')
@@ -182,7 +188,8 @@ fn cpu_split(pid: u32) -> (f64, f64) {
             .unwrap_or(0.0)
     };
     // Fields after the command name start at index 3 (state); utime and stime are the 14th and 15th.
-    (ticks(11) / 100.0, ticks(12) / 100.0)
+    // minflt is the 10th field.
+    (ticks(11) / 100.0, ticks(12) / 100.0, ticks(7))
 }
 
 /// A `/proc/<pid>/status` figure in KiB (`VmHWM:` peak RSS, `VmRSS:` current), 0 if unreadable.
@@ -255,6 +262,8 @@ struct Run {
     cpu: Option<f64>,
     /// The kernel's share of `cpu`.
     sys_share: Option<f64>,
+    /// Minor page faults of the process under test during the run (memory handed back and touched again).
+    faults: Option<f64>,
     rss_mib: Option<f64>,
     /// CPU seconds the local PostgreSQL server's processes used during the run.
     db_cpu: f64,
@@ -280,7 +289,7 @@ fn wrk(
     core: Option<&str>,
 ) -> Run {
     let threads = if core.is_some() { 1 } else { 2 };
-    let cpu_before = pid.map(cpu_split);
+    let cpu_before = pid.map(proc_stat);
     let (db_before, machine_before) = (postgres_cpu(), machine_ticks());
     let script = if rate.is_some() {
         &scripts.paced
@@ -313,7 +322,7 @@ fn wrk(
         .unwrap_or_else(|| panic!("wrk said: {text}"));
     let r: Value = serde_json::from_str(line).unwrap();
     let (db_after, machine_after) = (postgres_cpu(), machine_ticks());
-    let cpu_after = pid.map(cpu_split);
+    let cpu_after = pid.map(proc_stat);
     let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
     Run {
         name: name.into(),
@@ -327,6 +336,7 @@ fn wrk(
         cpu: cpu_after
             .zip(cpu_before)
             .map(|(a, b)| a.0 + a.1 - b.0 - b.1),
+        faults: cpu_after.zip(cpu_before).map(|(a, b)| a.2 - b.2),
         sys_share: cpu_after
             .zip(cpu_before)
             .map(|(a, b)| (a.1 - b.1) / (a.0 + a.1 - b.0 - b.1).max(0.01)),
@@ -853,7 +863,7 @@ async fn main() {
             "nginx-deployed.conf",
         );
         targets.push(Target {
-            label: "as deployed: nginx, no auth, X-Forwarded-*, access log".into(),
+            label: "as deployed: nginx, X-Forwarded-*, log".into(),
             url,
             proc: Some(p),
         });
@@ -1020,20 +1030,20 @@ async fn main() {
                     println!("{label}: callgrind_control did not answer (is valgrind installed?)")
                 }
             };
-        let label = "nginx, no auth";
-        println!("instructions: {label}");
-        let (out, wrapper) = callgrind(label);
-        let (p, url) = nginx_proxy(
-            &wrapper,
-            proxy_core,
-            &nginx,
-            dir.path(),
-            app_port,
-            "nginx.conf",
-        );
-        wait_http(&url, None).await;
-        measure(label, &url, &p, &out);
-        drop(p);
+        for (label, conf) in [
+            ("nginx, no auth", "nginx.conf"),
+            (
+                "as deployed: nginx, X-Forwarded-*, log",
+                "nginx-deployed.conf",
+            ),
+        ] {
+            println!("instructions: {label}");
+            let (out, wrapper) = callgrind(label);
+            let (p, url) = nginx_proxy(&wrapper, proxy_core, &nginx, dir.path(), app_port, conf);
+            wait_http(&url, None).await;
+            measure(label, &url, &p, &out);
+            drop(p);
+        }
 
         let label = "idsync forwarding, no auth";
         println!("instructions: {label}");
@@ -1278,7 +1288,7 @@ async fn main() {
             .map(|(_, per, _)| *per);
         for (label, per, requests) in &instructions {
             let ratio = nginx.map_or(String::new(), |n| format!("{:>6.2}x nginx", per / n));
-            println!("  {label:<34} {per:>9.0}  {ratio}  ({requests:.0} requests)");
+            println!("  {label:<38} {per:>9.0}  {ratio}  ({requests:.0} requests)");
         }
     }
     print_table("idsync alone", &runs, None, "");
@@ -1374,7 +1384,7 @@ fn print_table(title: &str, runs: &[Run], base: Option<f64>, base_label: &str) {
     println!();
     println!("{title}:");
     println!(
-        "{:<64} {:>9} {:>8} {:>7} {:>7} {:>7} {:>8} {:>6} {:>8} {:>5} {:>8} {:>8} {:>6}",
+        "{:<64} {:>9} {:>8} {:>7} {:>7} {:>7} {:>8} {:>6} {:>8} {:>5} {:>8} {:>8} {:>8} {:>6}",
         "",
         "req/s",
         base_label,
@@ -1385,13 +1395,14 @@ fn print_table(title: &str, runs: &[Run], base: Option<f64>, base_label: &str) {
         "errors",
         "CPU us/r",
         "sys%",
+        "faults/r",
         "RSS MiB",
         "pg cpu s",
         "busy%"
     );
     for r in runs {
         println!(
-            "{:<64} {:>9.0} {:>8} {:>7.0} {:>7.0} {:>7.0} {:>8.0} {:>6} {:>8} {:>5} {:>8} {:>8.1} {:>6.0}",
+            "{:<64} {:>9.0} {:>8} {:>7.0} {:>7.0} {:>7.0} {:>8.0} {:>6} {:>8} {:>5} {:>8} {:>8} {:>8.1} {:>6.0}",
             r.name,
             r.rps,
             base.map_or(String::new(), |b| format!("{:.2}", r.rps / b)),
@@ -1407,6 +1418,10 @@ fn print_table(title: &str, runs: &[Run], base: Option<f64>, base_label: &str) {
             )),
             r.sys_share
                 .map_or("-".into(), |s| format!("{:.0}", s * 100.0)),
+            r.faults.map_or("-".into(), |f| format!(
+                "{:.3}",
+                f / (r.rps * r.seconds).max(1.0)
+            )),
             r.rss_mib.map_or("-".into(), |m| format!("{m:.1}")),
             r.db_cpu,
             r.busy * 100.0,
