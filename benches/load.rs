@@ -2,8 +2,9 @@
 //! binaries). On loopback only, bounded in time. Starts an app (nginx answering 200), a local issuer with
 //! generated keys, and then, side by side with the same tokens:
 //!
-//! - **peers**: the app directly, nginx with no auth, HAProxy `jwt_verify`, Envoy `jwt_authn`, idsync's own
-//!   forwarding with no auth, and idsync warm (SQLite and PostgreSQL). Each proxy is pinned to one core
+//! - **peers**: the app directly, nginx with no auth (and as usually deployed: forwarding headers and an
+//!   access log), HAProxy `jwt_verify`, Envoy `jwt_authn`, idsync's own forwarding with no auth, and
+//!   idsync warm (SQLite and PostgreSQL). Each proxy is pinned to one core
 //!   (`taskset`), wrk and the app to the other; the lineup runs `--rounds` times interleaved and the table
 //!   gives each one's median, so a noisy moment hits every peer alike. `IDSYNC_BENCH_BASELINE=<another
 //!   idsync binary>` adds it as one more warm target, for an A/B of two builds in the same rounds.
