@@ -12,7 +12,7 @@
 use super::error::ApiError;
 use axum::body::Body;
 use http::{
-    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header,
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
 };
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -50,10 +50,71 @@ pub struct Upstream {
 /// most 256 idle ones).
 const MAX_LANES: usize = 256;
 
+/// A lane connection that has carried nothing for this long may meet the app's keep-alive timer (Node's
+/// default is 5 s) as a request is written on it: such a request, if replaying it is safe, is copied
+/// first. A connection used more recently is taken as it is, with no copy on the busy path.
+const IDLE_BEFORE_REPLAY: Duration = Duration::from_secs(1);
+
 /// Why a request found no answer.
 enum Failure {
     Connect,
+    /// The connection closed or failed after the request went out, before any answer.
     Closed,
+    /// The answer was not HTTP.
+    Invalid,
+}
+
+impl Failure {
+    fn of(e: &hyper::Error) -> Self {
+        if e.is_parse() || e.is_user() {
+            Failure::Invalid
+        } else {
+            Failure::Closed
+        }
+    }
+}
+
+/// Counts and logs a request sent a second time (see [`Replay`]).
+fn replaying(why: &dyn std::fmt::Display) {
+    static REPLAYED: std::sync::LazyLock<metrics::Counter> =
+        std::sync::LazyLock::new(|| metrics::counter!("idsync_upstream_replays_total"));
+    REPLAYED.increment(1);
+    tracing::debug!(
+        error = %why,
+        "the upstream connection closed as a request went out on it (the app's keep-alive timer, most \
+         likely); sent again on another"
+    );
+}
+
+/// A copy of a request that may be sent twice: an idempotent method (RFC 9110 section 9.2.2) and no
+/// body, so the app cannot tell a second copy from a retry of its own client.
+struct Replay(http::request::Parts);
+
+impl Replay {
+    fn of(req: &Request<Body>) -> Option<Self> {
+        let idempotent = matches!(
+            *req.method(),
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
+        if !idempotent || !hyper::body::Body::is_end_stream(req.body()) {
+            return None;
+        }
+        let mut parts = Request::new(()).into_parts().0;
+        parts.method = req.method().clone();
+        parts.uri = req.uri().clone();
+        parts.version = req.version();
+        parts.headers = req.headers().clone();
+        Some(Self(parts))
+    }
+
+    fn request(self) -> Request<Body> {
+        Request::from_parts(self.0, Body::empty())
+    }
 }
 
 /// RFC 9110 section 7.6.1. Not `Trailer`: it names the trailer fields end to end, and hyper sends an
@@ -222,6 +283,7 @@ impl Upstream {
                 return Err(ApiError::UpstreamUnavailable(match failure {
                     Failure::Connect => "cannot connect to the upstream".into(),
                     Failure::Closed => "the upstream closed the connection".into(),
+                    Failure::Invalid => "the upstream's answer was not HTTP".into(),
                 }));
             }
             Ok(Ok(r)) => r,
@@ -273,7 +335,18 @@ impl Upstream {
     ) -> Result<Response<hyper::body::Incoming>, Failure> {
         match lane {
             Some(lane) if lane.claim() => self.send_on_lane(lane, req).await,
-            _ => self.send_pooled(req).await,
+            _ => {
+                // A pooled connection may meet the app's keep-alive timer too; which one the pool
+                // hands out is not known here. (HTTP/2 connections announce their end with GOAWAY.)
+                let replay = if self.http2 { None } else { Replay::of(&req) };
+                match (self.send_pooled(req).await, replay) {
+                    (Err(Failure::Closed), Some(replay)) => {
+                        replaying(&"closed before an answer");
+                        self.send_pooled(replay.request()).await
+                    }
+                    (result, _) => result,
+                }
+            }
         }
     }
 
@@ -282,10 +355,12 @@ impl Upstream {
         req: Request<Body>,
     ) -> Result<Response<hyper::body::Incoming>, Failure> {
         self.client.request(req).await.map_err(|e| {
-            if e.is_connect() {
-                Failure::Connect
-            } else {
-                Failure::Closed
+            let hyper =
+                std::error::Error::source(&e).and_then(|s| s.downcast_ref::<hyper::Error>());
+            match hyper {
+                _ if e.is_connect() => Failure::Connect,
+                Some(h) => Failure::of(h),
+                None => Failure::Closed,
             }
         })
     }
@@ -295,10 +370,11 @@ impl Upstream {
         lane: &Lane,
         mut req: Request<Body>,
     ) -> Result<Response<hyper::body::Incoming>, Failure> {
-        let mut sender = match lane.take() {
-            Some(sender) => sender,
+        // A spare may have sat idle for up to SPARE_TTL: a new lane connection counts as idle.
+        let (mut sender, idle) = match lane.take() {
+            Some(taken) => taken,
             None => match self.open_lane(lane).await? {
-                Some(sender) => sender,
+                Some(sender) => (sender, true),
                 None => return self.send_pooled(req).await,
             },
         };
@@ -320,15 +396,26 @@ impl Upstream {
         if sender.ready().await.is_err() {
             return self.send_pooled(absolute(req, &self.authority)).await;
         }
+        let replay = if idle { Replay::of(&req) } else { None };
         match sender.try_send_request(req).await {
             Ok(response) => {
                 lane.give_back(sender);
                 Ok(response)
             }
             // Never written (the connection closed as it was taken): the pool gets it whole.
-            Err(mut e) => match e.take_message() {
-                Some(req) => self.send_pooled(absolute(req, &self.authority)).await,
-                None => Err(Failure::Closed),
+            Err(mut e) => match (e.take_message(), replay) {
+                (Some(req), _) => self.send_pooled(absolute(req, &self.authority)).await,
+                // Written, and the connection closed or failed before any answer: the app's keep-alive
+                // timer closing it as the request arrived, which HTTP/1.1 cannot tell from a crash.
+                // Sent once more, on another connection, when that is safe (RFC 9110 section 9.2.2).
+                (None, replay) => match (Failure::of(e.error()), replay) {
+                    (Failure::Closed, Some(replay)) => {
+                        replaying(e.error());
+                        self.send_pooled(absolute(replay.request(), &self.authority))
+                            .await
+                    }
+                    (failure, _) => Err(failure),
+                },
             },
         }
     }
@@ -398,6 +485,9 @@ struct LaneState {
     waker: Option<Waker>,
     /// Where the connection goes if the client leaves while it is idle.
     spares: Option<Arc<Spares>>,
+    /// When the connection last took a request (`None`: not since it was installed); it can have been
+    /// idle no longer than that.
+    last_sent: Option<std::time::Instant>,
 }
 
 impl Lane {
@@ -412,8 +502,16 @@ impl Lane {
         state.requests > 1
     }
 
-    fn take(&self) -> Option<hyper::client::conn::http1::SendRequest<Body>> {
-        self.state().sender.take().filter(|s| !s.is_closed())
+    /// The idle sender, and whether its connection may have been idle for [`IDLE_BEFORE_REPLAY`].
+    fn take(&self) -> Option<(hyper::client::conn::http1::SendRequest<Body>, bool)> {
+        let mut state = self.state();
+        let sender = state.sender.take().filter(|s| !s.is_closed())?;
+        let now = std::time::Instant::now();
+        let idle = state
+            .last_sent
+            .is_none_or(|t| now.duration_since(t) >= IDLE_BEFORE_REPLAY);
+        state.last_sent = Some(now);
+        Some((sender, idle))
     }
 
     fn give_back(&self, sender: hyper::client::conn::http1::SendRequest<Body>) {
@@ -428,6 +526,7 @@ impl Lane {
         // Replacing a connection closes the one before (it had no sender left).
         state.conn = Some(open);
         state.sender = None;
+        state.last_sent = None;
         if state.spares.is_none() {
             state.spares = Some(spares.clone());
         }

@@ -305,6 +305,126 @@ async fn a_lane_closed_by_the_app_is_replaced() {
     server.abort();
 }
 
+/// An app that answers every request but the `close_on`th (counted from 0 across connections), which it
+/// reads whole and then closes the connection on without a word: what a keep-alive timer firing as the
+/// request arrives looks like from idsync's side. Returns the URL and the methods it answered.
+async fn app_closing_on(
+    close_on: usize,
+) -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let log = answered.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let (seen, log) = (seen.clone(), log.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end);
+                    if seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == close_on {
+                        return;
+                    }
+                    log.lock()
+                        .unwrap()
+                        .push(head.split(' ').next().unwrap_or_default().to_owned());
+                    let answer = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, answered, server)
+}
+
+/// The app closes an idle lane connection just as the client's next request is written on it (its
+/// keep-alive timer): a GET is sent again on another connection and the client never sees it; a POST
+/// is never sent twice, it is a 502.
+#[tokio::test]
+async fn a_request_meeting_the_apps_keep_alive_close_is_replayed_only_when_safe() {
+    for (method, replayed) in [(reqwest::Method::GET, true), (reqwest::Method::POST, false)] {
+        // Request 0 goes through the pool, request 1 opens the client's lane, request 2 meets the close.
+        let (upstream, answered, server) = app_closing_on(2).await;
+        let t = app().upstream(&upstream).start().await;
+        let token = t.issuer.mint(t.issuer.claims_for("u"));
+        for _ in 0..2 {
+            let r = t.get_with_token("/", &token).await;
+            assert_eq!(r.status(), 200);
+        }
+        // Past the idle time after which a lane's request is copied before it is sent.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let r = t
+            .http
+            .request(method.clone(), t.url("/items"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        if replayed {
+            assert_eq!(r.status(), 200, "{method}");
+            assert_eq!(r.text().await.unwrap(), "ok");
+            assert_eq!(*answered.lock().unwrap(), ["GET", "GET", "GET"]);
+        } else {
+            assert_error(r, 502, "upstream_unavailable").await;
+            assert_eq!(*answered.lock().unwrap(), ["GET", "GET"], "sent once only");
+        }
+        if crate::helpers::metrics_isolated() {
+            // Process-wide: the GET's one replay, and none for the POST after it.
+            assert_eq!(
+                t.counter("idsync_upstream_replays_total", "").await,
+                1.0,
+                "{method}"
+            );
+        }
+        // The client's connection goes on.
+        assert_eq!(t.get_with_token("/", &token).await.status(), 200);
+        server.abort();
+    }
+}
+
+/// The same close met on a pooled connection (a client's first request on its connection goes through
+/// the pool): sent again on another.
+#[tokio::test]
+async fn a_pooled_request_meeting_the_apps_keep_alive_close_is_replayed() {
+    let (upstream, answered, server) = app_closing_on(1).await;
+    let t = app().upstream(&upstream).start().await;
+    let token = t.issuer.mint(t.issuer.claims_for("u"));
+    // Each on a client connection of its own: both go through the pool, the second on the first's
+    // upstream connection, which the app closes as the request arrives.
+    for i in 0..2 {
+        let client = reqwest::Client::new();
+        let r = client
+            .get(t.url("/"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+    }
+    assert_eq!(*answered.lock().unwrap(), ["GET", "GET"]);
+    server.abort();
+}
+
 /// A lane whose request timed out (504) is not reused for the next request on that client connection.
 #[tokio::test]
 async fn a_timed_out_request_does_not_poison_the_clients_next_one() {
