@@ -62,12 +62,16 @@ enum Failure {
     Closed,
     /// The answer was not HTTP.
     Invalid,
+    /// The request could not be sent as it was (its body failed: the client left mid-upload).
+    Unsendable,
 }
 
 impl Failure {
     fn of(e: &hyper::Error) -> Self {
-        if e.is_parse() || e.is_user() {
+        if e.is_parse() {
             Failure::Invalid
+        } else if e.is_user() {
+            Failure::Unsendable
         } else {
             Failure::Closed
         }
@@ -284,6 +288,7 @@ impl Upstream {
                     Failure::Connect => "cannot connect to the upstream".into(),
                     Failure::Closed => "the upstream closed the connection".into(),
                     Failure::Invalid => "the upstream's answer was not HTTP".into(),
+                    Failure::Unsendable => "the request could not be sent whole".into(),
                 }));
             }
             Ok(Ok(r)) => r,
@@ -335,18 +340,9 @@ impl Upstream {
     ) -> Result<Response<hyper::body::Incoming>, Failure> {
         match lane {
             Some(lane) if lane.claim() => self.send_on_lane(lane, req).await,
-            _ => {
-                // A pooled connection may meet the app's keep-alive timer too; which one the pool
-                // hands out is not known here. (HTTP/2 connections announce their end with GOAWAY.)
-                let replay = if self.http2 { None } else { Replay::of(&req) };
-                match (self.send_pooled(req).await, replay) {
-                    (Err(Failure::Closed), Some(replay)) => {
-                        replaying(&"closed before an answer");
-                        self.send_pooled(replay.request()).await
-                    }
-                    (result, _) => result,
-                }
-            }
+            // Not replayed: the pool does not say whether a connection was new or kept alive, and a
+            // request that failed on a new one met a crash (see `send_on_lane`).
+            _ => self.send_pooled(req).await,
         }
     }
 
@@ -370,11 +366,13 @@ impl Upstream {
         lane: &Lane,
         mut req: Request<Body>,
     ) -> Result<Response<hyper::body::Incoming>, Failure> {
-        // A spare may have sat idle for up to SPARE_TTL: a new lane connection counts as idle.
-        let (mut sender, idle) = match lane.take() {
+        // `reused`: a kept-alive connection that may have sat idle long enough to meet the app's
+        // keep-alive timer (a spare, up to SPARE_TTL). A new connection that fails on its first request
+        // met a crash, not a timer: that request is not sent again.
+        let (mut sender, reused) = match lane.take() {
             Some(taken) => taken,
             None => match self.open_lane(lane).await? {
-                Some(sender) => (sender, true),
+                Some(opened) => opened,
                 None => return self.send_pooled(req).await,
             },
         };
@@ -396,7 +394,7 @@ impl Upstream {
         if sender.ready().await.is_err() {
             return self.send_pooled(absolute(req, &self.authority)).await;
         }
-        let replay = if idle { Replay::of(&req) } else { None };
+        let replay = if reused { Replay::of(&req) } else { None };
         match sender.try_send_request(req).await {
             Ok(response) => {
                 lane.give_back(sender);
@@ -407,7 +405,8 @@ impl Upstream {
                 (Some(req), _) => self.send_pooled(absolute(req, &self.authority)).await,
                 // Written, and the connection closed or failed before any answer: the app's keep-alive
                 // timer closing it as the request arrived, which HTTP/1.1 cannot tell from a crash.
-                // Sent once more, on another connection, when that is safe (RFC 9110 section 9.2.2).
+                // Sent once more, on another connection, when that is safe (RFC 9110 section 9.2.2). An
+                // answer cut off inside its head looks the same; none of it has reached the client.
                 (None, replay) => match (Failure::of(e.error()), replay) {
                     (Failure::Closed, Some(replay)) => {
                         replaying(e.error());
@@ -421,14 +420,14 @@ impl Upstream {
     }
 
     /// A connection for `lane` (a spare, else a new one through the pool's connector, with its
-    /// timeouts), or `None` when lanes are at their bound (the pool then serves).
+    /// timeouts), or `None` when lanes are at their bound (the pool then serves); `true` for a spare.
     async fn open_lane(
         &self,
         lane: &Lane,
-    ) -> Result<Option<hyper::client::conn::http1::SendRequest<Body>>, Failure> {
+    ) -> Result<Option<(hyper::client::conn::http1::SendRequest<Body>, bool)>, Failure> {
         if let Some((sender, open)) = self.spares.adopt() {
             lane.install(open, &self.spares);
-            return Ok(Some(sender));
+            return Ok(Some((sender, true)));
         }
         let Some(count) = LaneCount::take(&self.lanes) else {
             return Ok(None);
@@ -444,7 +443,7 @@ impl Upstream {
             _count: count,
         };
         lane.install(open, &self.spares);
-        Ok(Some(sender))
+        Ok(Some((sender, false)))
     }
 }
 
@@ -485,8 +484,8 @@ struct LaneState {
     waker: Option<Waker>,
     /// Where the connection goes if the client leaves while it is idle.
     spares: Option<Arc<Spares>>,
-    /// When the connection last took a request (`None`: not since it was installed); it can have been
-    /// idle no longer than that.
+    /// When the connection last took a request (or was installed); it can have been idle no longer
+    /// than that.
     last_sent: Option<std::time::Instant>,
 }
 
@@ -509,7 +508,7 @@ impl Lane {
         let now = std::time::Instant::now();
         let idle = state
             .last_sent
-            .is_none_or(|t| now.duration_since(t) >= IDLE_BEFORE_REPLAY);
+            .is_some_and(|t| now.duration_since(t) >= IDLE_BEFORE_REPLAY);
         state.last_sent = Some(now);
         Some((sender, idle))
     }
@@ -526,7 +525,7 @@ impl Lane {
         // Replacing a connection closes the one before (it had no sender left).
         state.conn = Some(open);
         state.sender = None;
-        state.last_sent = None;
+        state.last_sent = Some(std::time::Instant::now());
         if state.spares.is_none() {
             state.spares = Some(spares.clone());
         }

@@ -357,72 +357,85 @@ async fn app_closing_on(
     (url, answered, server)
 }
 
-/// The app closes an idle lane connection just as the client's next request is written on it (its
-/// keep-alive timer): a GET is sent again on another connection and the client never sees it; a POST
-/// is never sent twice, it is a 502.
+/// The app closes a kept-alive lane connection just as the client's next request is written on it (its
+/// keep-alive timer): a bodiless GET is sent again on another connection and the client never sees it.
+/// Never sent twice: a request with a body or a method that is not idempotent, a request on a
+/// connection used within the last second (no copy is kept on a busy connection), and a request that
+/// failed on a new connection (the app crashed on it: a second copy would crash it again).
 #[tokio::test]
 async fn a_request_meeting_the_apps_keep_alive_close_is_replayed_only_when_safe() {
-    for (method, replayed) in [(reqwest::Method::GET, true), (reqwest::Method::POST, false)] {
+    struct Case {
+        what: &'static str,
+        close_on: usize,
+        method: reqwest::Method,
+        body: &'static str,
+        idle: bool,
+        replayed: bool,
+    }
+    let case = |what, close_on, method, body, idle, replayed| Case {
+        what,
+        close_on,
+        method,
+        body,
+        idle,
+        replayed,
+    };
+    use reqwest::Method;
+    for c in [
         // Request 0 goes through the pool, request 1 opens the client's lane, request 2 meets the close.
-        let (upstream, answered, server) = app_closing_on(2).await;
+        case("GET", 2, Method::GET, "", true, true),
+        case("PUT with a body", 2, Method::PUT, "x", true, false),
+        case("POST", 2, Method::POST, "", true, false),
+        case("recently used", 2, Method::GET, "", false, false),
+        // Request 1 is the first on the lane's new connection.
+        case("new connection", 1, Method::GET, "", false, false),
+    ] {
+        let (upstream, answered, server) = app_closing_on(c.close_on).await;
         let t = app().upstream(&upstream).start().await;
         let token = t.issuer.mint(t.issuer.claims_for("u"));
-        for _ in 0..2 {
+        for _ in 0..c.close_on {
             let r = t.get_with_token("/", &token).await;
-            assert_eq!(r.status(), 200);
+            assert_eq!(r.status(), 200, "{}", c.what);
         }
-        // Past the idle time after which a lane's request is copied before it is sent.
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        if c.idle {
+            // Past the idle time after which a lane's request is copied before it is sent.
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
         let r = t
             .http
-            .request(method.clone(), t.url("/items"))
+            .request(c.method.clone(), t.url("/items"))
             .bearer_auth(&token)
+            .body(c.body)
             .send()
             .await
             .unwrap();
-        if replayed {
-            assert_eq!(r.status(), 200, "{method}");
+        let mut expected = vec!["GET"; c.close_on];
+        if c.replayed {
+            assert_eq!(r.status(), 200, "{}", c.what);
             assert_eq!(r.text().await.unwrap(), "ok");
-            assert_eq!(*answered.lock().unwrap(), ["GET", "GET", "GET"]);
+            expected.push(c.method.as_str());
         } else {
             assert_error(r, 502, "upstream_unavailable").await;
-            assert_eq!(*answered.lock().unwrap(), ["GET", "GET"], "sent once only");
         }
+        assert_eq!(*answered.lock().unwrap(), expected, "{}", c.what);
         if crate::helpers::metrics_isolated() {
-            // Process-wide: the GET's one replay, and none for the POST after it.
+            // Process-wide: the GET's one replay, and none in the cases after it.
             assert_eq!(
                 t.counter("idsync_upstream_replays_total", "").await,
                 1.0,
-                "{method}"
+                "{}",
+                c.what
             );
         }
         // The client's connection goes on.
-        assert_eq!(t.get_with_token("/", &token).await.status(), 200);
+        assert_eq!(
+            t.get_with_token("/", &token).await.status(),
+            200,
+            "{}",
+            c.what
+        );
         server.abort();
     }
-}
-
-/// The same close met on a pooled connection (a client's first request on its connection goes through
-/// the pool): sent again on another.
-#[tokio::test]
-async fn a_pooled_request_meeting_the_apps_keep_alive_close_is_replayed() {
-    let (upstream, answered, server) = app_closing_on(1).await;
-    let t = app().upstream(&upstream).start().await;
-    let token = t.issuer.mint(t.issuer.claims_for("u"));
-    // Each on a client connection of its own: both go through the pool, the second on the first's
-    // upstream connection, which the app closes as the request arrives.
-    for i in 0..2 {
-        let client = reqwest::Client::new();
-        let r = client
-            .get(t.url("/"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "request {i}");
-    }
-    assert_eq!(*answered.lock().unwrap(), ["GET", "GET"]);
-    server.abort();
 }
 
 /// A lane whose request timed out (504) is not reused for the next request on that client connection.
