@@ -494,7 +494,8 @@ fn idsync_binary(baseline: bool) -> PathBuf {
     }
 }
 
-fn spawn_idsync(
+/// idsync (`binary`) under `wrapper` (a profiler's command line, or empty), once it is ready.
+async fn start_idsync_wrapped(
     wrapper: &str,
     binary: &Path,
     core: Option<&str>,
@@ -502,7 +503,7 @@ fn spawn_idsync(
     issuer: &str,
     db: &str,
     extra: &[&str],
-) -> (Proc, String, String) {
+) -> (Proc, String) {
     let (port, admin) = (free_port(), free_port());
     let child = wrapped(wrapper, core, binary)
         .env_clear()
@@ -527,11 +528,10 @@ fn spawn_idsync(
                 binary.display()
             )
         });
-    (
-        Proc(child),
-        format!("http://127.0.0.1:{port}"),
-        format!("http://127.0.0.1:{admin}"),
-    )
+    let admin = format!("http://127.0.0.1:{admin}");
+    wait_http(&format!("{admin}/readyz"), None).await;
+    ADMIN.lock().unwrap().insert(child.id(), admin);
+    (Proc(child), format!("http://127.0.0.1:{port}"))
 }
 
 /// `binary` pinned to `core`, under `wrapper` (a profiler's command line) when it is not empty.
@@ -685,10 +685,7 @@ async fn start_idsync_with(
 ) -> (Proc, String) {
     // IDSYNC_BENCH_WRAPPER runs idsync under a profiler, e.g. "perf record -g -o idsync.perf".
     let wrapper = std::env::var("IDSYNC_BENCH_WRAPPER").unwrap_or_default();
-    let (p, url, admin) = spawn_idsync(&wrapper, binary, core, upstream, issuer, db, extra);
-    wait_http(&format!("{admin}/readyz"), None).await;
-    ADMIN.lock().unwrap().insert(p.0.id(), admin);
-    (p, url)
+    start_idsync_wrapped(&wrapper, binary, core, upstream, issuer, db, extra).await
 }
 
 /// Each idsync's admin URL, by pid, for reading its metrics after a run.
@@ -1069,7 +1066,7 @@ async fn main() {
                 dir.path().display(),
                 instructions_dir(label)
             );
-            let (p, url, admin) = spawn_idsync(
+            let (p, url) = start_idsync_wrapped(
                 &wrapper,
                 &idsync_binary(binary),
                 proxy_core,
@@ -1077,8 +1074,8 @@ async fn main() {
                 &idsync_issuer,
                 &db,
                 &[],
-            );
-            wait_http(&format!("{admin}/readyz"), None).await;
+            )
+            .await;
             prime(&format!("{url}/"), &warm).await;
             measure(label, &url, &p, &out);
         }

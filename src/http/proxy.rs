@@ -351,13 +351,12 @@ impl Upstream {
         req: Request<Body>,
     ) -> Result<Response<hyper::body::Incoming>, Failure> {
         self.client.request(req).await.map_err(|e| {
-            let hyper =
-                std::error::Error::source(&e).and_then(|s| s.downcast_ref::<hyper::Error>());
-            match hyper {
-                _ if e.is_connect() => Failure::Connect,
-                Some(h) => Failure::of(h),
-                None => Failure::Closed,
+            if e.is_connect() {
+                return Failure::Connect;
             }
+            std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<hyper::Error>())
+                .map_or(Failure::Closed, Failure::of)
         })
     }
 
